@@ -1,0 +1,166 @@
+"""GPT2Config: Hugging Face field names plus the JAX dtype policy.
+
+`GPT2Config` reads and writes Hugging Face `config.json` files, so a directory written by
+`transformers` loads here and ours loads there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from gpt2jax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "tanh")
+
+# Hugging Face GPT-2 options whose non-default values change the math; we reject them
+# rather than silently computing something else.
+_UNSUPPORTED_HF_OPTIONS = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+
+# Sizes of the four released GPT-2 checkpoints.
+MODEL_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters, named as in `transformers.GPT2Config`.
+
+    Frozen and hashable, so a module holding it can be a static jit argument.
+    """
+
+    vocab_size: int = 50257  # tokens in the vocabulary (embedding rows)
+    n_positions: int = 1024  # longest sequence: rows of the position embedding
+    n_embd: int = 768  # model width D
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads H; head dim K = n_embd // n_head
+    n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd
+    activation_function: str = "gelu_new"  # MLP nonlinearity; gelu_new = tanh approximation
+    resid_pdrop: float = 0.1  # dropout after attention and MLP projections (train only)
+    embd_pdrop: float = 0.1  # dropout on token + position embeddings (train only)
+    attn_pdrop: float = 0.1  # dropout on attention probabilities (train only)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
+    initializer_range: float = 0.02  # std of the normal init of weights and embeddings
+    bos_token_id: int = 50256  # <|endoftext|>
+    eos_token_id: int = 50256  # <|endoftext|>
+    dtype: str = "float32"  # compute dtype: float32, or bfloat16 on GPU/TPU
+    param_dtype: str = "float32"  # storage dtype of the parameters
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first inconsistent field."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise UserError(f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise UserError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise UserError(
+                f"GPT2Config.activation_function={self.activation_function!r} is not supported; "
+                f"use one of {', '.join(ACTIVATIONS)}"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(
+                    f"GPT2Config.{name}={getattr(self, name)!r} is not a known dtype; use one of {', '.join(DTYPES)}"
+                )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> GPT2Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> GPT2Config:
+        """One of the released sizes: gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
+        if size not in MODEL_SIZES:
+            raise UserError(f"unknown model size {size!r}; use one of {', '.join(MODEL_SIZES)}")
+        return cls(**{**MODEL_SIZES[size], **overrides})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields of a Hugging Face GPT-2 `config.json`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.pop("param_dtype")
+        compute_dtype = fields.pop("dtype")
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            **fields,
+            **_UNSUPPORTED_HF_OPTIONS,
+            "dtype": self.param_dtype,  # transformers' name for the dtype of the stored weights
+            "gpt2jax": {"dtype": compute_dtype, "param_dtype": self.param_dtype},
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> GPT2Config:
+        """Build from a parsed Hugging Face `config.json`; unknown HF fields are ignored."""
+        model_type = data.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise UserError(f"config.json has model_type={model_type!r}; gpt2jax loads GPT-2 models only")
+        for key, default in _UNSUPPORTED_HF_OPTIONS.items():
+            if key in data and data[key] != default:
+                raise UserError(f"config.json sets {key}={data[key]!r}; gpt2jax supports only {key}={default!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        fields = {k: v for k, v in data.items() if k in names}
+        fields.update({k: v for k, v in data.get("gpt2jax", {}).items() if k in ("dtype", "param_dtype")})
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> GPT2Config:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(data, **overrides)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write `config.json` into `directory`; return its path."""
+        path = os.path.join(directory, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,212 @@
+"""Hugging Face <-> gpt2jax: weight names and checkpoint files.
+
+Reads a local HF directory holding `model.safetensors` (or a sharded set with its index),
+`pytorch_model.bin` (through `torch.load(weights_only=True)`, only when torch is
+installed) or `flax_model.msgpack` (transformers 4.x Flax, whose Conv1D kernels are
+stored (out, in)); writes `config.json` + `model.safetensors` that transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+from gpt2jax.config import GPT2Config
+from gpt2jax.errors import UserError
+from gpt2jax.model import GPT2LMHeadModule
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "flax_model.msgpack",
+)
+_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# Non-parameter buffers that older transformers versions saved with the weights.
+_BUFFER_RE = re.compile(r"\.attn\.(bias|masked_bias)$")
+
+
+def _abstract_params(config: GPT2Config) -> Any:
+    return jax.eval_shape(
+        lambda: GPT2LMHeadModule(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+
+
+def hf_name(path: tuple[str, ...]) -> str:
+    """('transformer', 'h_3', 'mlp', 'c_fc', 'kernel') -> 'transformer.h.3.mlp.c_fc.weight'."""
+    *modules, leaf = path
+    return ".".join([re.sub(r"^h_(\d+)$", r"h.\1", m) for m in modules] + [_LEAF_TO_HF[leaf]])
+
+
+def param_shapes(config: GPT2Config) -> dict[str, jax.ShapeDtypeStruct]:
+    """HF name -> shape and dtype of every parameter the config implies (no compute)."""
+    return {hf_name(path): leaf for path, leaf in traverse_util.flatten_dict(_abstract_params(config)).items()}
+
+
+def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """Our parameter tree -> {HF name: array}, without the tied `lm_head.weight`."""
+    return {hf_name(path): np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(params).items()}
+
+
+def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: GPT2Config) -> Any:
+    """{HF name: array} -> our parameter tree, checked name by name and shape by shape."""
+    expected = param_shapes(config)
+    found: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        if _BUFFER_RE.search(name):
+            continue
+        if name != "lm_head.weight" and not name.startswith("transformer."):
+            name = "transformer." + name  # GPT2Model checkpoints and OpenAI's originals have no prefix
+        found[name] = array
+    lm_head = found.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_some(unexpected)}")
+        raise UserError(
+            f"checkpoint does not match a GPT-2 with n_layer={config.n_layer}: {'; '.join(parts)}"
+        )
+    for name, spec in expected.items():
+        if tuple(found[name].shape) != tuple(spec.shape):
+            raise UserError(
+                f"{name}: config.json implies shape {tuple(spec.shape)} but the checkpoint holds "
+                f"{tuple(found[name].shape)}"
+            )
+    if lm_head is not None and not np.array_equal(np.asarray(lm_head), np.asarray(found["transformer.wte.weight"])):
+        raise UserError("lm_head.weight differs from transformer.wte.weight; gpt2jax supports tied LM heads only")
+    by_name = {hf_name(path): path for path in traverse_util.flatten_dict(_abstract_params(config))}
+    flat = {by_name[name]: jnp.asarray(found[name], dtype=config.storage_dtype) for name in expected}
+    return traverse_util.unflatten_dict(flat)
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
+    """A local directory as is; otherwise a hub repo id fetched with huggingface_hub."""
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise UserError(f"{path}: not a directory; pass the directory holding config.json and the weights")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
+        raise UserError(f"{path}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id=path, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"]
+        )
+    except Exception as e:  # offline, unknown repo, no permission: all end the same way for the user
+        raise UserError(
+            f"{path!r} is not a local directory and the Hugging Face Hub could not provide it "
+            f"({type(e).__name__}); download it where there is network access and pass the local directory"
+        ) from None
+
+
+def load_state_dict(directory: str) -> dict[str, np.ndarray]:
+    """Read the weights in an HF directory, whichever of the supported formats it holds."""
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))]
+    if not present:
+        raise UserError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    filename = present[0]
+    path = os.path.join(directory, filename)
+    if filename.endswith(".index.json"):
+        return _load_sharded(directory, path)
+    if filename.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if filename.endswith(".bin"):
+        return _load_torch_bin(path)
+    return _load_flax_msgpack(path)
+
+
+def _load_sharded(directory: str, index_path: str) -> dict[str, np.ndarray]:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{index_path}: not a valid shard index ({e})") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(directory, shard)
+        if not os.path.isfile(shard_path):
+            raise UserError(f"{index_path} lists {shard}, which is missing")
+        load = _load_safetensors if shard.endswith(".safetensors") else _load_torch_bin
+        tensors.update(load(shard_path))
+    return tensors
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a PyTorch pickle; install torch to read it, or convert the directory to model.safetensors"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+    return {name: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for name, t in state.items()}
+
+
+def _load_flax_msgpack(path: str) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or truncated msgpack file ({type(e).__name__})") from None
+    tensors = {}
+    for path_parts, array in traverse_util.flatten_dict(tree).items():
+        *modules, leaf = path_parts
+        array = np.asarray(array)
+        if leaf == "kernel":
+            array = array.T  # transformers' FlaxConv1D stores (out, in)
+        tensors[".".join(modules + [_LEAF_TO_HF[leaf]])] = array
+    return tensors
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **config_overrides: Any) -> tuple[GPT2Config, Any]:
+    """(config, params) from an HF directory or hub name."""
+    directory = resolve_pretrained(name_or_path)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{directory}: no config.json")
+    config = GPT2Config.from_json_file(config_path, **config_overrides)
+    return config, from_hf_state_dict(load_state_dict(directory), config)
+
+
+def save_pretrained(directory: str | os.PathLike, params: Any, config: GPT2Config) -> None:
+    """Write config.json and model.safetensors (HF names, float32 or the param dtype)."""
+    from safetensors.numpy import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "model.safetensors")
+    save_file(to_hf_state_dict(params), path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    config.save(directory)

@@ -1,0 +1,161 @@
+"""The Flax GPT-2 against fixtures made by transformers, and its own invariants."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel
+from gpt2jax.model import dot_product_attention_with_dropout, init_cache, lm_loss
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+REGENERATE = "regenerate with: python scripts/make_fixtures.py (needs the reference extra)"
+SMALL = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+
+
+def relative_error(actual, expected):
+    return float(np.max(np.abs(np.asarray(actual) - expected)) / max(np.max(np.abs(expected)), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return dict(np.load(os.path.join(FIXTURES, "tiny_gpt2_expected.npz")))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny_gpt2"))
+
+
+def test_logits_match_transformers_fixture(tiny, expected):
+    out = tiny(expected["input_ids"], expected["attention_mask"], expected["position_ids"])
+    valid = expected["attention_mask"].astype(bool)
+    diff = np.abs(np.asarray(out.logits) - expected["logits"])[valid].max()
+    assert diff <= 1e-5, f"max |logits - transformers| = {diff}; {REGENERATE} if the reference changed"
+
+
+def test_loss_matches_transformers_fixture(tiny, expected):
+    out = tiny(expected["input_ids"], expected["attention_mask"], expected["position_ids"], labels=expected["labels"])
+    assert relative_error(out.loss, expected["loss"]) <= 1e-6, (float(out.loss), float(expected["loss"]))
+
+
+def test_grads_match_transformers_fixture(tiny, expected):
+    def loss_fn(params):
+        logits, _ = tiny.module.apply(
+            {"params": params}, expected["input_ids"], expected["attention_mask"], expected["position_ids"]
+        )
+        return lm_loss(logits, jnp.asarray(expected["labels"]))
+
+    grads = GPT2LMHeadModel(tiny.config, params=jax.grad(loss_fn)(tiny.params)).state_dict()
+    reference = {k.removeprefix("grad:"): v for k, v in expected.items() if k.startswith("grad:")}
+    assert set(reference) <= set(grads)
+    for name, ref in reference.items():
+        assert relative_error(grads[name], ref) <= 1e-4, name
+
+
+def test_causality():
+    model = GPT2LMHeadModel(SMALL, seed=1)
+    ids = np.random.default_rng(0).integers(0, SMALL.vocab_size, (2, 12))
+    changed = ids.copy()
+    changed[:, 7] = (changed[:, 7] + 1) % SMALL.vocab_size
+    a, b = np.asarray(model(ids).logits), np.asarray(model(changed).logits)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    assert np.abs(a[:, 7:] - b[:, 7:]).min(axis=-1).max() > 0
+
+
+def test_right_padding_does_not_change_real_tokens():
+    model = GPT2LMHeadModel(SMALL, seed=2)
+    ids = np.random.default_rng(1).integers(0, SMALL.vocab_size, (1, 9))
+    padded = np.concatenate([ids, np.zeros((1, 4), int)], axis=1)
+    mask = np.concatenate([np.ones((1, 9), int), np.zeros((1, 4), int)], axis=1)
+    np.testing.assert_allclose(model(padded, mask).logits[:, :9], model(ids).logits, atol=1e-5)
+
+
+def test_left_padding_with_position_ids_matches_unpadded():
+    model = GPT2LMHeadModel(SMALL, seed=3)
+    ids = np.random.default_rng(2).integers(0, SMALL.vocab_size, (1, 9))
+    padded = np.concatenate([np.zeros((1, 3), int), ids], axis=1)
+    mask = np.concatenate([np.zeros((1, 3), int), np.ones((1, 9), int)], axis=1)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = np.asarray(model(padded, mask, positions).logits)
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits[:, 3:], model(ids).logits, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward():
+    model = GPT2LMHeadModel(SMALL, seed=4)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, SMALL.vocab_size, (2, 10)))
+    full, _ = model.module.apply({"params": model.params}, ids)
+    cache = init_cache(SMALL, batch_size=2, length=16)
+    mask = jnp.ones((2, 16), jnp.int32)
+    prefill, cache = model.module.apply({"params": model.params}, ids[:, :7], mask, cache=cache, cache_index=0)
+    steps = [prefill]
+    for t in range(7, 10):
+        logits, cache = model.module.apply({"params": model.params}, ids[:, t : t + 1], mask, cache=cache, cache_index=t)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_loss_ignores_minus_100_and_shifts():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    labels = jnp.array([[1, 2, -100, 4, 5], [0, -100, -100, 3, 6]])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    terms = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
+    np.testing.assert_allclose(lm_loss(logits, labels), np.mean(terms), rtol=1e-6)
+
+
+def test_dropout_only_in_train_mode():
+    model = GPT2LMHeadModel(SMALL.replace(attn_pdrop=0.2, resid_pdrop=0.2, embd_pdrop=0.2), seed=5)
+    ids = np.arange(10)[None] % SMALL.vocab_size
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(model(ids).logits, model(ids, train=False, dropout_rng=key).logits)
+    a = model(ids, train=True, dropout_rng=key).logits
+    np.testing.assert_array_equal(a, model(ids, train=True, dropout_rng=key).logits)
+    assert np.abs(a - model(ids).logits).max() > 1e-3
+    assert np.abs(a - model.train()(ids).logits).max() > 1e-3  # train() switches the default
+    np.testing.assert_array_equal(model.eval()(ids).logits, model(ids, train=False).logits)
+
+
+def test_attention_dropout_path_equals_fused_attention_without_dropout():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 8)) for i in range(3))
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :, :2].set(False)
+    fused = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    manual = dot_product_attention_with_dropout(q, k, v, mask, 0.0, jax.random.key(0))
+    np.testing.assert_allclose(manual[:, 2:], fused[:, 2:], atol=1e-5)
+    np.testing.assert_allclose(manual[0], fused[0], atol=1e-5)
+    dropped = dot_product_attention_with_dropout(q, k, v, mask, 0.5, jax.random.key(0))
+    assert np.abs(dropped - manual).max() > 1e-2
+
+
+def test_init_matches_gpt2_scheme():
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=256, n_layer=8, n_head=8)
+    params = GPT2LMHeadModel(config, seed=0).params["transformer"]
+    np.testing.assert_allclose(np.std(params["wte"]["embedding"]), 0.02, rtol=0.02)
+    np.testing.assert_allclose(np.std(params["h_0"]["attn"]["c_attn"]["kernel"]), 0.02, rtol=0.02)
+    np.testing.assert_allclose(np.std(params["h_3"]["mlp"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.02)
+    np.testing.assert_allclose(np.std(params["h_3"]["attn"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.03)
+    assert not np.any(params["h_0"]["mlp"]["c_fc"]["bias"])
+    np.testing.assert_array_equal(params["ln_f"]["scale"], 1.0)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    fp32 = GPT2LMHeadModel(SMALL, seed=6)
+    bf16 = GPT2LMHeadModel(SMALL.replace(dtype="bfloat16"), params=fp32.params)
+    ids = np.arange(12)[None]
+    out = bf16(ids, labels=ids)
+    assert out.logits.dtype == jnp.float32 and out.loss.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in bf16.parameters())
+    np.testing.assert_allclose(out.logits, fp32(ids).logits, atol=0.05)
+
+
+def test_num_parameters_and_state_dict_names():
+    model = GPT2LMHeadModel(SMALL)
+    D, V, P, F = SMALL.n_embd, SMALL.vocab_size, SMALL.n_positions, 4 * SMALL.n_embd
+    per_block = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+    assert model.num_parameters() == V * D + P * D + SMALL.n_layer * per_block + 2 * D
+    state = model.state_dict()
+    assert state["transformer.h.1.attn.c_attn.weight"].shape == (D, 3 * D)
+    np.testing.assert_array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    assert len(model.parameters()) == len(state) - 1

@@ -1,0 +1,151 @@
+"""Bad checkpoints and bad inputs: one exception with an actionable message, nothing half-loaded."""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_gpt2")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, directory)
+    return directory
+
+
+def edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "nope")
+
+
+def test_directory_without_weights(checkpoint):
+    os.remove(checkpoint / "model.safetensors")
+    with pytest.raises(UserError, match="no weights found"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_directory_without_config(checkpoint):
+    os.remove(checkpoint / "config.json")
+    with pytest.raises(UserError, match="no config.json"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_safetensors(checkpoint, keep):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(UserError, match="corrupt or truncated safetensors"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_garbage_safetensors(checkpoint):
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_config_that_does_not_match_the_weights_names_parameter_and_shapes(checkpoint):
+    edit_config(checkpoint, n_inner=40)
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.bias: config.json implies shape \(40,\) "
+                                        r"but the checkpoint holds \(37,\)"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_config_with_more_layers_than_the_weights(checkpoint):
+    edit_config(checkpoint, n_layer=4)
+    with pytest.raises(UserError, match=r"missing transformer\.h\.3\."):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_config_with_fewer_layers_than_the_weights(checkpoint):
+    edit_config(checkpoint, n_layer=2)
+    with pytest.raises(UserError, match=r"unexpected transformer\.h\.2\."):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_non_gpt2_model_type(checkpoint):
+    edit_config(checkpoint, model_type="llama")
+    with pytest.raises(UserError, match="model_type='llama'"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_unsupported_gpt2_option(checkpoint):
+    edit_config(checkpoint, scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_invalid_config_json(checkpoint):
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_pytorch_bin_without_torch(checkpoint, monkeypatch):
+    os.remove(checkpoint / "model.safetensors")
+    (checkpoint / "pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(UserError, match="install torch"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_hub_name_offline_says_so_quickly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UserError, match="not a local directory and the Hugging Face Hub could not provide it"):
+        GPT2LMHeadModel.from_pretrained("openai-community/gpt2")
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=[[1, 2, 200]]), r"input_ids has values in \[1, 200\] but vocab_size is 131"),
+        (dict(input_ids=[[-1, 2]]), "input_ids has values"),
+        (dict(input_ids=[1, 2, 3]), r"shape \(batch, time\)"),
+        (dict(input_ids=[[1] * 41]), "41 tokens but the model has n_positions=40"),
+        (dict(input_ids=[[1, 2]], position_ids=[[0, 40]]), "position_ids has values"),
+        (dict(input_ids=[[1, 2]], labels=[[1, 2, 3]]), "labels have shape"),
+    ],
+)
+def test_bad_model_inputs(kwargs, message):
+    model = GPT2LMHeadModel.from_pretrained(FIXTURE)
+    with pytest.raises(UserError, match=message):
+        model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_embd=30, n_head=4), "not divisible"),
+        (dict(activation_function="swiglu"), "not supported"),
+        (dict(dtype="fp8"), "not a known dtype"),
+        (dict(n_layer=0), "positive integer"),
+        (dict(attn_pdrop=1.0), r"in \[0, 1\)"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(UserError, match=message):
+        GPT2Config(**fields)
+
+
+def test_loaded_weights_are_exactly_the_files(checkpoint):
+    from safetensors.numpy import load_file
+
+    state = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
+    for name, array in load_file(checkpoint / "model.safetensors").items():
+        np.testing.assert_array_equal(state[name], array)

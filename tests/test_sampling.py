@@ -1,0 +1,185 @@
+"""The jitted KV-cache sampler: cache == recomputation, HF greedy parity, sampling rules, EOS, retracing."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError, sampling
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+SMALL = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=100, eos_token_id=100)
+GREEDY = dict(eos_token_id=jnp.int32(-1), pad_token_id=jnp.int32(0), temperature=jnp.float32(1), top_p=jnp.float32(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPT2LMHeadModel(SMALL, seed=0)
+
+
+def test_cached_decoding_equals_full_recomputation(model):
+    """Logits the loop decodes from its cache, step by step, against a full forward pass of the result."""
+    prompts = np.array([[0, 0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26, 27]])
+    mask = (np.arange(7)[None] >= np.array([[3], [0]])).astype(np.int32)
+    decoder, params = model._decoder(), model._params_for_decoding()
+    state = sampling.prefill_jit(decoder, params, jnp.asarray(prompts), jnp.asarray(mask), 10, jax.random.key(0))
+    step_logits = [np.asarray(state.logits_BxV)]
+    for _ in range(10):
+        state = sampling.decode_jit(decoder, params, state, 1, sampling.SamplingRules(), **GREEDY)
+        step_logits.append(np.asarray(state.logits_BxV))
+    tokens = np.asarray(state.tokens_BxL)
+    full_mask = np.concatenate([mask, np.ones((2, 10), np.int32)], axis=1)
+    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    full = np.asarray(model(tokens, full_mask, positions).logits)
+    for i, logits in enumerate(step_logits):  # step i predicts the token at slot 7 + i
+        np.testing.assert_allclose(logits, full[:, 6 + i], atol=1e-5, err_msg=f"step {i}")
+
+
+def test_greedy_matches_transformers_fixture():
+    expected = dict(np.load(os.path.join(FIXTURES, "tiny_gpt2_expected.npz")))
+    tiny = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny_gpt2"))
+    out = tiny.generate(expected["generate_prompts"], expected["generate_attention_mask"], max_new_tokens=20,
+                        pad_token_id=0)
+    np.testing.assert_array_equal(out, expected["generate_expected"])
+
+
+@pytest.mark.parametrize("eos", [None, "frequent"])
+def test_greedy_matches_transformers_live(tmp_path, eos):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_reference import TINY_CONFIGS, make_reference_model
+
+    reference = make_reference_model(TINY_CONFIGS["even"], seed=3)
+    reference.save_pretrained(tmp_path)
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path)
+    prompts = np.array([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    kwargs = dict(max_new_tokens=14, pad_token_id=0)
+    if eos == "frequent":  # an EOS that rows actually emit, at different steps
+        free_run = ours.generate(prompts, mask, eos_token_id=-1, **kwargs)
+        kwargs["eos_token_id"] = int(free_run[1, 9])
+    expected = reference.generate(torch.as_tensor(prompts), attention_mask=torch.as_tensor(mask), do_sample=False,
+                                  **kwargs).numpy()
+    out = ours.generate(prompts, mask, **kwargs)
+    np.testing.assert_array_equal(out[:, : expected.shape[1]], expected)
+    assert np.all(out[:, expected.shape[1]:] == 0)  # transformers stops early; we pad to the full length
+
+
+def test_padded_row_equals_row_alone(model):
+    alone = model.generate(np.array([[7, 8, 9]]), max_new_tokens=12)
+    both = model.generate(np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]]), np.array([[0, 0, 1, 1, 1], [1] * 5]),
+                          max_new_tokens=12)
+    np.testing.assert_array_equal(both[0, 2:], alone[0])
+
+
+def test_top_k_1_equals_greedy(model):
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    greedy = model.generate(prompt, max_new_tokens=15)
+    for seed in range(3):
+        np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=15, do_sample=True, top_k=1, seed=seed),
+                                      greedy)
+
+
+def draws(logits, rules, n=4000, temperature=1.0, top_p=1.0):
+    logits_BxV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+    choose = jax.jit(sampling.choose_tokens, static_argnames="rules")
+    return np.asarray(choose(logits_BxV, jax.random.key(0), rules, jnp.float32(temperature), jnp.float32(top_p)))
+
+
+def test_top_k_draws_stay_in_top_k():
+    logits = np.random.default_rng(0).normal(size=50) * 2
+    tokens = draws(logits, sampling.SamplingRules(do_sample=True, top_k=5))
+    assert set(tokens) == set(np.argsort(logits)[-5:])
+
+
+def test_top_p_draws_stay_in_nucleus():
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02])
+    tokens = draws(np.log(probs), sampling.SamplingRules(do_sample=True, use_top_p=True), top_p=0.75)
+    assert set(tokens) == {0, 1, 2}  # 0.4 + 0.25 < 0.75 <= 0.4 + 0.25 + 0.15
+    frequencies = np.bincount(tokens, minlength=7)[:3] / len(tokens)
+    np.testing.assert_allclose(frequencies, probs[:3] / probs[:3].sum(), atol=0.03)
+    assert set(draws(np.log(probs), sampling.SamplingRules(do_sample=True, use_top_p=True), top_p=0.01)) == {0}
+
+
+def test_temperature_sharpens():
+    logits = np.log(np.array([0.5, 0.3, 0.2]))
+    rules = sampling.SamplingRules(do_sample=True)
+    cold, hot = draws(logits, rules, temperature=0.25), draws(logits, rules, temperature=4.0)
+    assert np.mean(cold == 0) > 0.8 and np.mean(hot == 0) < 0.45
+
+
+def test_seed_reproducible_and_different(model):
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    sample = lambda seed: model.generate(prompt, max_new_tokens=20, do_sample=True, seed=seed)
+    np.testing.assert_array_equal(sample(1), sample(1))
+    assert not np.array_equal(sample(1), sample(2))
+
+
+def test_stream_equals_generate(model):
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    kwargs = dict(max_new_tokens=19, do_sample=True, top_k=20, top_p=0.9, seed=4)
+    chunks = list(model.generate_stream(prompt, chunk_size=4, **kwargs))
+    assert [c.shape[1] for c in chunks] == [4, 4, 4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), model.generate(prompt, **kwargs)[:, 5:])
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingDecoder:
+    """Fake model: the next token is always (last token + 1) mod V."""
+
+    vocab_size: int = 10
+
+    def init_cache(self, batch_size, length):
+        return jnp.zeros((), jnp.int32)
+
+    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
+        return jax.nn.one_hot((tokens_BxT[:, -1] + 1) % self.vocab_size, self.vocab_size) * 10.0, cache + 1
+
+
+def test_eos_pads_rows_and_loop_exits_early():
+    decoder = CountingDecoder()
+    prompts = jnp.array([[0, 5], [0, 1]])
+    state = sampling.prefill_jit(decoder, None, prompts, jnp.ones_like(prompts), 12, jax.random.key(0))
+    values = dict(GREEDY, eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(0))
+    state = sampling.decode_jit(decoder, None, state, 12, sampling.SamplingRules(), **values)
+    # row 0: 6 7 8(eos) then pad; row 1: 2 .. 8(eos) after 7 steps: the loop stops there
+    assert int(state.step) == 7 and int(state.cache) == 1 + 7
+    tokens = np.asarray(sampling.fill_after_stop(state, jnp.int32(0)))
+    assert tokens[0, 2:].tolist() == [6, 7, 8] + [0] * 9
+    assert tokens[1, 2:].tolist() == [2, 3, 4, 5, 6, 7, 8] + [0] * 5
+
+
+def test_no_retrace_for_same_shapes_and_prompt_buckets(model):
+    model.generate(np.array([[1, 2, 3]]), max_new_tokens=8)
+    before = sampling.generate_tokens._cache_size()
+    model.generate(np.array([[4, 5, 6, 7, 8]]), max_new_tokens=8)  # same 16-slot bucket
+    model.generate(np.array([[9] * 16]), max_new_tokens=8, seed=3)
+    assert sampling.generate_tokens._cache_size() == before
+    model.generate(np.array([[9] * 17]), max_new_tokens=8)  # next bucket: one more compile
+    assert sampling.generate_tokens._cache_size() == before + 1
+
+
+def test_bucket_length():
+    assert [sampling.bucket_length(n) for n in (1, 16, 17, 32, 33, 1000)] == [16, 16, 32, 32, 64, 1024]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=[[1] * 60], max_new_tokens=5), "exceeds n_positions=64"),
+        (dict(input_ids=np.zeros((1, 0), int)), "prompt is empty"),
+        (dict(input_ids=[[1, 2]], attention_mask=[[0, 0]]), "row 0 is empty"),
+        (dict(input_ids=[[1, 2]], do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(input_ids=[[1, 2]], do_sample=True, top_k=-1), "top_k must be"),
+        (dict(input_ids=[[1, 2]], do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(input_ids=[[1, 2]], top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(input_ids=[[1, 101]]), "vocab_size is 101"),
+        (dict(input_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    ],
+)
+def test_bad_generate_arguments(model, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        model.generate(**kwargs)

@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpt2jax {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    prepare = commands.add_parser("prepare", help="tokenize an experiment's dataset into token bins")
+    prepare.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
+    prepare.set_defaults(run=run_prepare)
+
     sample = commands.add_parser("sample", help="sample text from a model")
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
@@ -32,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
     sample.set_defaults(run=run_sample)
     return parser
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from gpt2jax.config import load_config
+    from gpt2jax.data import prepare
+
+    config = load_config(args.config, args.overrides)
+    bins = prepare(config.data)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents"
+                       for name, s in bins.meta["splits"].items())
+    print(f"{bins.directory}: {splits}")
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -51,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2jax.errors import UserError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides = [a for a in unknown if a.startswith("--config.")]
+    rest = [a for a in unknown if not a.startswith("--config.")]
+    if rest or (args.overrides and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

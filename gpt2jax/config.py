@@ -1,17 +1,24 @@
-"""GPT2Config: Hugging Face field names plus the JAX dtype policy.
+"""GPT2Config, and the experiment configs that drive training.
 
-`GPT2Config` reads and writes Hugging Face `config.json` files, so a directory written by
-`transformers` loads here and ours loads there.
+`GPT2Config` uses Hugging Face field names plus the JAX dtype policy, and reads and writes
+Hugging Face `config.json` files. Experiments are `experiments/*.py` files whose
+`get_config()` returns an `ml_collections.ConfigDict` built on `base_config()`; the command
+line overrides keys with `--config.GROUP.KEY=VALUE`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import importlib.util
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
 
 from gpt2jax.errors import UserError
 
@@ -164,3 +171,137 @@ class GPT2Config:
             f.write("\n")
         os.replace(tmp, path)
         return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment configs: experiments/*.py define get_config() -> ml_collections.ConfigDict.
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key an experiment may set, with its default. Experiments start from this."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = ""  # "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" sets n_layer/n_head/n_embd; "" uses them
+    c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's vocabulary size
+    c.model.n_positions = 1024  # longest sequence the model accepts (tokens)
+    c.model.n_embd = 768  # model width
+    c.model.n_layer = 12  # transformer blocks
+    c.model.n_head = 12  # attention heads
+    c.model.n_inner = config_dict.placeholder(int)  # MLP width; None: 4 * n_embd
+    c.model.activation_function = "gelu_new"  # MLP nonlinearity
+    c.model.resid_pdrop = 0.0  # dropout after attention / MLP projections (probability)
+    c.model.embd_pdrop = 0.0  # dropout on embeddings (probability)
+    c.model.attn_pdrop = 0.0  # dropout on attention probabilities (probability)
+    c.model.layer_norm_epsilon = 1e-5
+    c.model.initializer_range = 0.02  # std of the normal init
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "pystdlib"  # "pystdlib", a local file / directory / glob, or a Hugging Face hub dataset name
+    c.data.dataset_config = config_dict.placeholder(str)  # hub dataset config name, if it has several
+    c.data.split = "train"  # hub split (or split expression) to read
+    c.data.text_column = "text"  # column holding the text (.jsonl, .parquet, .arrow, hub)
+    c.data.text_sample_by = "paragraph"  # .txt documents: "document" (a file), "paragraph" or "line"
+    c.data.tokenizer = "gpt2"  # "gpt2", "byte", or a Hugging Face tokenizer directory
+    c.data.block_size = 1024  # tokens per training sequence (T)
+    c.data.val_fraction = 0.005  # share of documents held out for validation, by a stable hash of their text
+    c.data.cache_dir = "~/.cache/gpt2jax/data"  # where token bins are kept, keyed by source + tokenizer + split
+    c.data.num_proc = 2  # tokenizer worker processes
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 6e-4  # peak learning rate
+    c.optim.min_lr = 6e-5  # learning rate at the end of the cosine decay
+    c.optim.warmup_steps = 2000  # linear warmup from 0 (optimizer steps)
+    c.optim.decay_steps = config_dict.placeholder(int)  # end of the cosine decay (steps); None: train.max_steps
+    c.optim.weight_decay = 0.1  # decoupled (AdamW) decay, on 2-D weights only
+    c.optim.beta1 = 0.9
+    c.optim.beta2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 turns it off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 512  # sequences per optimizer step, GLOBAL across devices, processes, accumulation
+    c.train.grad_accum_steps = 1  # micro-batches per optimizer step (inside the step, scanned)
+    c.train.max_steps = 600_000  # optimizer steps
+    c.train.log_every = 10  # steps between train-metric logs (the only host syncs)
+    c.train.eval_every = 1000  # steps between validation evals
+    c.train.eval_batches = 20  # fixed validation batches (of global_batch_size / grad_accum_steps sequences)
+    c.train.checkpoint_every = 1000  # steps between checkpoints
+    c.train.sample_every = 1000  # steps between text samples in the logs; 0 turns them off
+    c.train.sample_prompt = "\n"  # prompt of those samples
+    c.train.sample_tokens = 64  # new tokens per sample
+    c.train.seed = 0  # params init, data order and dropout
+    c.train.compute_dtype = "float32"  # "float32" or "bfloat16" (params and optimizer state stay float32)
+    c.train.keep_checkpoints = 3  # latest checkpoints kept
+    c.train.keep_best = 1  # best-by-val-loss checkpoints kept besides those
+
+    c.init_from = "scratch"  # "scratch", a Hugging Face directory, or a run directory (fine-tuning)
+    return c
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Import `path`, call its get_config(), apply `--config.KEY=VALUE` overrides, lock and return it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such experiment file")
+    spec = importlib.util.spec_from_file_location(f"gpt2jax_experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"{path}: failed to import ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise UserError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        keys += _dotted_keys(value, name + ".") if isinstance(value, ml_collections.ConfigDict) else [name]
+    return keys
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Set one `--config.a.b=value` (or `config.a.b=value`); the value must fit the key's type."""
+    text = override.removeprefix("--").removeprefix("config.")
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise UserError(f"override {override!r} is not of the form --config.KEY=VALUE")
+    known = _dotted_keys(config)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UserError(f"unknown config key {key!r}{hint}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    if isinstance(node[leaf], str) and not isinstance(value, str):
+        value = raw  # "--config.data.dataset=123" is still a string key
+    try:
+        node[leaf] = value
+    except TypeError:
+        raise UserError(f"--config.{key}={raw}: expected {type(node[leaf]).__name__}, got {raw!r}") from None
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int) -> GPT2Config:
+    """The GPT2Config an experiment describes; vocab_size (when unset) and EOS come from the tokenizer."""
+    m = config.model
+    fields = {name: m[name] for name in m.keys() if name != "size"}
+    if m.size:
+        fields.update(MODEL_SIZES[m.size])
+    if fields["vocab_size"] is None:
+        fields["vocab_size"] = vocab_size
+    return GPT2Config(**fields, dtype=config.train.compute_dtype, bos_token_id=eos_token_id, eos_token_id=eos_token_id)

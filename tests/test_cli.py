@@ -1,5 +1,6 @@
 """The console script: version, and usage errors exit with status 2."""
 
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,26 @@ def test_sample_bad_input_is_one_line_and_exit_2(hf_dir, extra, message):
 def test_sample_missing_model_dir(tmp_path):
     result = run("sample", "--model", str(tmp_path / "absent"), "--prompt", "x")
     assert result.returncode == 2 and "no such directory" in result.stderr and "Traceback" not in result.stderr
+
+
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "smoke.py")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.data.block_sise=8", "unknown config key 'data.block_sise'; did you mean data.block_size"),
+        ("--config.data.block_size=big", "--config.data.block_size=big: expected int"),
+        ("--config.data.dataset=/no/such/corpus", "no such file"),
+        ("--config.data.val_fraction=1.5", "val_fraction must be in [0, 1)"),
+    ],
+)
+def test_prepare_bad_config_exits_2(tmp_path, override, message):
+    result = run("prepare", "--config", SMOKE, f"--config.data.cache_dir={tmp_path}", override)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_prepare_missing_experiment_file():
+    result = run("prepare", "--config", "experiments/nope.py")
+    assert result.returncode == 2 and "no such experiment file" in result.stderr

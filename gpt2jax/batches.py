@@ -1,0 +1,124 @@
+"""Batches from token bins: the deterministic sampler, the fixed validation set, prefetching.
+
+The batch for step s is a pure function of (seed, s, process index, process count): random
+windows of block_size + 1 tokens (nanoGPT style), each process reading only its slice,
+shaped (local devices, per-device batch, T) for pmap.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from gpt2jax.errors import UserError
+
+
+class BatchSampler:
+    """Training batches as a pure function of (seed, step, process index, process count).
+
+    The global batch for step s is `global_batch_size` random windows of block_size + 1
+    tokens; each process reads only its contiguous slice of those rows, shaped
+    (local devices, per-device batch, T) for pmap.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        local_device_count: int = 1,
+    ):
+        local_batch = _local_batch_size(global_batch_size, process_count, local_device_count)
+        if len(tokens) < block_size + 1:
+            raise UserError(f"{len(tokens)} tokens are fewer than one window of block_size + 1 = {block_size + 1}")
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.global_batch_size, self.local_device_count = global_batch_size, local_device_count
+        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+
+    def global_offsets(self, step: int) -> np.ndarray:
+        """Start of every window of the global batch of `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.global_batch_size)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        return windows_to_batch(self.tokens, self.global_offsets(step)[self.rows], self.block_size,
+                                self.local_device_count)
+
+
+def validation_batches(
+    tokens: np.ndarray,
+    block_size: int,
+    global_batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    local_device_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The fixed validation set: num_batches global batches of windows spread evenly over the split."""
+    local_batch = _local_batch_size(global_batch_size, process_count, local_device_count)
+    if len(tokens) < block_size + 1:
+        raise UserError(f"the val split has {len(tokens)} tokens, fewer than one window of {block_size + 1}")
+    starts = np.linspace(0, len(tokens) - block_size - 1, num_batches * global_batch_size).astype(np.int64)
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    return [
+        windows_to_batch(tokens, batch_starts[rows], block_size, local_device_count)
+        for batch_starts in starts.reshape(num_batches, global_batch_size)
+    ]
+
+
+def windows_to_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, local_device_count: int) -> dict:
+    windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
+    windows = windows.reshape(local_device_count, -1, block_size + 1)
+    return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:
+    if global_batch_size % (process_count * local_device_count):
+        raise UserError(f"global batch {global_batch_size} is not divisible by {process_count} processes x "
+                        f"{local_device_count} local devices")
+    return global_batch_size // process_count
+
+
+class Prefetcher:
+    """Runs `produce(step)` for step = start, start + 1, ... in a background thread, `depth` ahead."""
+
+    def __init__(self, produce, start_step: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce, start_step), daemon=True)
+        self._thread.start()
+
+    def _run(self, produce, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (step, produce(step), None)
+            except Exception as e:  # handed to the consumer, raised there
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, Any]:
+        step, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        return step, value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -18,11 +18,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare", help="tokenize an experiment's dataset into token bins")
     prepare.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
-    prepare.set_defaults(run=run_prepare)
+    prepare.set_defaults(handler=run_prepare)
+
+    train = commands.add_parser("train", help="train (or resume) an experiment into a run directory")
+    train.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
+    train.add_argument("--workdir", required=True, help="run directory, e.g. runs/NAME")
+    train.add_argument("--coordinator-address", help="HOST:PORT of process 0, for multi-process runs")
+    train.add_argument("--num-processes", type=int, help="processes in a multi-process run")
+    train.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=run_train)
 
     sample = commands.add_parser("sample", help="sample text from a model")
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
+    source.add_argument("--run", help="a gpt2jax run directory, e.g. runs/NAME")
+    sample.add_argument("--step", default=None, help="with --run: latest (default), best, or a step number")
     sample.add_argument("--tokenizer", help="gpt2, byte, or an HF tokenizer dir (default: beside the model)")
     sample.add_argument("--prompt", required=True, help="text to continue")
     sample.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--stream", action="store_true", help="print text as it is generated")
     sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
-    sample.set_defaults(run=run_sample)
+    sample.set_defaults(handler=run_sample)
     return parser
 
 
@@ -49,12 +60,32 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"{bins.directory}: {splits}")
 
 
+def run_train(args: argparse.Namespace) -> None:
+    from gpt2jax.distributed import initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from gpt2jax.config import load_config
+    from gpt2jax.trainer import run_training
+
+    config = load_config(args.config, args.overrides)
+    last = run_training(config, args.workdir, progress=not args.no_progress)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "val_loss", "tokens_per_s", "mfu"))
+    print(f"{args.workdir}: {shown}")
+
+
 def run_sample(args: argparse.Namespace) -> None:
+    from gpt2jax.errors import UserError
     from gpt2jax.modeling import GPT2LMHeadModel
     from gpt2jax.textgen import sample, tokenizer_for
 
-    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
-    tokenizer = tokenizer_for(model, args.model, args.tokenizer)
+    if args.run:
+        model = GPT2LMHeadModel.from_pretrained(args.run, dtype=args.dtype, step=args.step or "latest")
+        tokenizer = tokenizer_for(model, None, args.tokenizer or model.run_config["data"]["tokenizer"])
+    else:
+        if args.step is not None:
+            raise UserError("--step goes with --run")
+        model = GPT2LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
+        tokenizer = tokenizer_for(model, args.model, args.tokenizer)
     sample(
         model, tokenizer, args.prompt, num_samples=args.num_samples, stream=args.stream, seed=args.seed,
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
@@ -75,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return args.run(args) or 0
+        return args.handler(args) or 0
     except UserError as e:
         print(f"gpt2jax {args.command}: error: {e}", file=sys.stderr)
         return 2

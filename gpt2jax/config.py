@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import glob
 import importlib.util
 import json
 import os
@@ -305,3 +306,50 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_token_i
     if fields["vocab_size"] is None:
         fields["vocab_size"] = vocab_size
     return GPT2Config(**fields, dtype=config.train.compute_dtype, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+
+
+# Keys whose change does not alter what a run computes: a run may resume with them changed.
+RESUME_SAFE_KEYS = {
+    "data.cache_dir", "data.num_proc", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.sample_every", "train.sample_prompt", "train.sample_tokens", "train.keep_checkpoints", "train.keep_best",
+}
+
+
+def validate_experiment(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """Raise UserError for the first inconsistent setting, before anything compiles."""
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    if m.size and m.size not in MODEL_SIZES:
+        raise UserError(f"model.size={m.size!r} is not one of {', '.join(MODEL_SIZES)} (or '' for explicit sizes)")
+    n_embd, n_head = (MODEL_SIZES[m.size]["n_embd"], MODEL_SIZES[m.size]["n_head"]) if m.size else (m.n_embd, m.n_head)
+    if n_head <= 0 or n_embd % n_head:
+        raise UserError(f"model.n_embd={n_embd} is not divisible by model.n_head={n_head}")
+    if t.compute_dtype not in DTYPES:
+        raise UserError(f"train.compute_dtype={t.compute_dtype!r} is not one of {', '.join(DTYPES)}")
+    positive = {"data.block_size": d.block_size, "model.n_positions": m.n_positions, "train.max_steps": t.max_steps,
+                "train.global_batch_size": t.global_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
+                "train.checkpoint_every": t.checkpoint_every, "optim.lr": o.lr, "train.keep_checkpoints": t.keep_checkpoints}
+    for name, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    non_negative = {"optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+                    "optim.grad_clip": o.grad_clip, "train.sample_every": t.sample_every, "train.keep_best": t.keep_best}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{name} must be >= 0, got {value}")
+    for name, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {value}")
+    if o.decay_steps is not None and o.decay_steps < o.warmup_steps:
+        raise UserError(f"optim.decay_steps={o.decay_steps} is shorter than optim.warmup_steps={o.warmup_steps}")
+    if d.block_size > m.n_positions:
+        raise UserError(f"data.block_size={d.block_size} exceeds model.n_positions={m.n_positions}")
+    if t.global_batch_size % (device_count * t.grad_accum_steps):
+        raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by {device_count} devices x "
+                        f"train.grad_accum_steps={t.grad_accum_steps}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.dataset != "pystdlib" and d.dataset.startswith((".", "/", "~")) and not glob.glob(os.path.expanduser(d.dataset)):
+        raise UserError(f"data.dataset={d.dataset!r}: no such file or directory")
+    if config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from)):
+        raise UserError(f"init_from={config.init_from!r}: not 'scratch' and not a directory")

@@ -281,6 +281,11 @@ class GPT2LMHeadModule(nn.Module):
         return self.transformer.logits(h_BxTxD), cache
 
 
+def next_token_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Mean cross-entropy (float32) of already-shifted targets: logits at t predict targets at t."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT))
+
+
 def lm_loss_sum_and_count(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy (float32) and the number of counted tokens.
 

@@ -96,6 +96,12 @@ def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
         raise UserError(f"{name} has values in [{array.min()}, {array.max()}] but {what} is {upper}")
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A gpt2jax run directory: config.json beside a checkpoints/ directory."""
+    path = os.fspath(path)
+    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
 class GPT2LMHeadModel:
     """GPT-2 with a language-modelling head, used like `transformers.GPT2LMHeadModel`.
 
@@ -117,15 +123,35 @@ class GPT2LMHeadModel:
         return f"GPT2LMHeadModel({self.config}, parameters={self.num_parameters():,})"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: str | None = None) -> GPT2LMHeadModel:
-        """Load an HF directory (safetensors, sharded safetensors, pytorch_model.bin, flax_model.msgpack).
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, dtype: str | None = None, step: int | str | None = None
+    ) -> GPT2LMHeadModel:
+        """Load an HF directory (safetensors, sharded safetensors, pytorch_model.bin, flax_model.msgpack)
+        or a gpt2jax run directory (one of its checkpoints).
 
         Args:
           name_or_path: a local directory, or a hub repo id (fetched when online).
           dtype: compute dtype override, e.g. "bfloat16"; parameters stay in `param_dtype`.
+          step: for run directories: "latest" (default), "best" (lowest val loss) or a step number.
         """
-        config, params = hf.load_pretrained(name_or_path, **({} if dtype is None else {"dtype": dtype}))
+        overrides = {} if dtype is None else {"dtype": dtype}
+        if is_run_dir(name_or_path):
+            return cls._from_run(os.fspath(name_or_path), step, overrides)
+        if step is not None:
+            raise UserError(f"{name_or_path}: step= applies to run directories only")
+        config, params = hf.load_pretrained(name_or_path, **overrides)
         return cls(config, params=params)
+
+    @classmethod
+    def _from_run(cls, run_dir: str, step: int | str | None, overrides: dict) -> GPT2LMHeadModel:
+        from gpt2jax.checkpoint import Checkpoints
+
+        params, resolved, step = Checkpoints(run_dir).restore_params(step)
+        fields = {k: v for k, v in resolved["model"].items() if k in GPT2Config.__dataclass_fields__}
+        config = GPT2Config(**{**fields, "dtype": resolved["train"]["compute_dtype"], **overrides})
+        model = cls(config, params=jax.tree.map(jnp.asarray, params))
+        model.run_step, model.run_config = step, resolved
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` and `model.safetensors` that `transformers` loads as is."""

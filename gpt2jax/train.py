@@ -1,0 +1,172 @@
+"""Training: TrainState, the pure train and eval steps, pmap wiring, and the loop.
+
+Data parallel with `jax.pmap(axis_name="batch")`: params replicated on every local device,
+each device takes its slice of the batch, gradients are averaged with `lax.pmean`. Gradient
+accumulation scans over micro-batches inside the step, so the global batch does not depend on
+device memory. Multi-host runs start with `jax.distributed.initialize`; each process reads its
+own slice of every batch and process 0 alone writes logs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2jax.model import GPT2LMHeadModule, next_token_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step s uses fold_in(rng, s)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, max_steps: int) -> optax.Schedule:
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at decay_steps (default max_steps).
+
+    Step s (0-based) uses the rate of the (s + 1)-th step, as nanoGPT does: lr / warmup_steps on the first
+    step rather than 0, the peak on step warmup_steps - 1, min_lr from step decay_steps - 1 on.
+    """
+    decay_steps = optim.decay_steps or max_steps
+    curve = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+        decay_steps=max(decay_steps, optim.warmup_steps + 1), end_value=optim.min_lr,
+    )
+    return lambda step: curve(step + 1)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings (ndim >= 2), not on biases or LayerNorm (nanoGPT's rule)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, max_steps: int) -> tuple[optax.GradientTransformation, Any]:
+    schedule = learning_rate_schedule(optim, max_steps)
+    clip = optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity()
+    adamw = optax.adamw(schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.eps, weight_decay=optim.weight_decay,
+                        mask=decay_mask)
+    return optax.chain(clip, adamw), schedule
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    module: GPT2LMHeadModule,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int,
+    dropout: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on this device's (B, T) slice, in `grad_accum_steps` micro-batches."""
+    inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
+    B, T = inputs_BxT.shape
+    micro = lambda x: x.reshape(grad_accum_steps, B // grad_accum_steps, T)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index("batch"))
+
+    def loss_fn(params, inputs, targets, micro_key):
+        logits, _ = module.apply({"params": params}, inputs, train=dropout, rngs={"dropout": micro_key})
+        return next_token_loss(logits, targets)
+
+    def accumulate(carry, xs):
+        loss_sum, grad_sum = carry
+        inputs, targets, index = xs
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs, targets, jax.random.fold_in(key, index))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    if grad_accum_steps == 1:  # no scan: it would cost extra passes over a gradient-sized carry
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_BxT, targets_BxT, jax.random.fold_in(key, 0))
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros),
+            (micro(inputs_BxT), micro(targets_BxT), jnp.arange(grad_accum_steps)),
+        )
+        loss, grads = loss_sum / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+    loss, grads = lax.pmean((loss, grads), "batch")
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, module: GPT2LMHeadModule) -> jax.Array:
+    logits, _ = module.apply({"params": params}, batch["inputs"])
+    return lax.pmean(next_token_loss(logits, batch["targets"]), "batch")
+
+
+def pmapped_steps(
+    module: GPT2LMHeadModule, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+    grad_accum_steps: int, dropout: bool,
+) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) pmapped over local devices; the train state is donated."""
+    train = functools.partial(train_step, module=module, optimizer=optimizer, schedule=schedule,
+                              grad_accum_steps=grad_accum_steps, dropout=dropout)
+    return (jax.pmap(train, axis_name="batch", donate_argnums=(0,)),
+            jax.pmap(functools.partial(eval_step, module=module), axis_name="batch"))
+
+
+# --------------------------------------------------------------------------------------------
+# Placement: pmap wants a leading axis of local devices; Orbax wants one global copy.
+
+
+def _local_sharding() -> NamedSharding:
+    return NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), PartitionSpec("batch"))
+
+
+def replicate(tree: Any) -> Any:
+    """A copy of every leaf on every local device, stacked on a leading device axis for pmap."""
+    sharding, devices = _local_sharding(), jax.local_devices()
+
+    def put(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:  # a global replicated array
+            by_device = {shard.device: shard.data for shard in x.addressable_shards}
+            pieces = [jnp.expand_dims(by_device[d], 0) for d in devices]
+        else:
+            host = np.asarray(x)[None]
+            pieces = [jax.device_put(host, d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + np.shape(x), sharding, pieces)
+
+    return jax.tree.map(put, tree)
+
+
+def to_global(replicated: Any) -> Any:
+    """pmap-replicated leaves -> one globally replicated array each (what Orbax saves, across hosts)."""
+    sharding = global_replicated_sharding()
+
+    def convert(x):
+        by_device = {shard.device: shard.data[0] for shard in x.addressable_shards}
+        pieces = [by_device[d] for d in sharding.addressable_devices_indices_map(x.shape[1:])]
+        return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, pieces)
+
+    return jax.tree.map(convert, replicated)
+
+
+def global_replicated_sharding() -> NamedSharding:
+    return NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+
+
+def shard_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host batch (local devices, per-device batch, T) -> device arrays, one slice per local device."""
+    return jax.device_put(batch, _local_sharding())
+
+
+def unreplicate_to_host(replicated: Any) -> Any:
+    """The first device's copy of every leaf, as numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data[0]), replicated)

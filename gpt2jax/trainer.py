@@ -1,0 +1,225 @@
+"""The training loop and its run directory: `gpt2jax train` calls `run_training`.
+
+runs/NAME/ holds config.json (resolved config), run.json (versions, devices, times, status),
+metrics.jsonl, samples.jsonl, tb/ (TensorBoard) and checkpoints/. Starting the same command
+again resumes from the latest checkpoint; a different config refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gpt2jax import hf
+from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.config import RESUME_SAFE_KEYS, GPT2Config, model_config, validate_experiment
+from gpt2jax.data import prepare
+from gpt2jax.errors import UserError
+from gpt2jax.logs import RunLog, run_info, write_json
+from gpt2jax.model import GPT2LMHeadModule
+from gpt2jax.modeling import GPT2LMHeadModel, init_params
+from gpt2jax.tokenizer import load_tokenizer
+from gpt2jax.train import (global_replicated_sharding, init_state, make_optimizer, pmapped_steps, replicate,
+                           shard_batch, to_global, unreplicate_to_host)
+
+# bf16 dense peak per chip (FLOP/s), for MFU; other devices are measured at start-up.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, Any]:
+    """The config as it runs: model sizes and vocab filled in, decay_steps made explicit."""
+    resolved = json.loads(config.to_json())
+    resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in ("dtype", "param_dtype")})
+    resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
+    return resolved
+
+
+def open_run_dir(workdir: str, resolved: dict[str, Any], write: bool) -> None:
+    """Create the run directory, or check that it holds the same experiment (then training resumes)."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = flatten(json.load(f))
+        now = flatten(resolved)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUME_SAFE_KEYS)
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+            raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir")
+    elif os.path.exists(workdir) and os.listdir(workdir):
+        raise UserError(f"{workdir} exists and is not a gpt2jax run directory (no config.json); use another --workdir")
+    if write:
+        os.makedirs(workdir, exist_ok=True)
+        write_json(path, resolved)
+
+
+def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
+    if config.init_from == "scratch":
+        return init_params(model, config.train.seed)
+    return hf.from_hf_state_dict(hf.load_state_dict(os.path.expanduser(config.init_from)), model)
+
+
+def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int) -> GPT2Config:
+    """The experiment's model; fine-tuning takes the shape of the model it starts from."""
+    model = model_config(config, vocab_size, eos_token_id)
+    if config.init_from == "scratch":
+        return model
+    source = GPT2Config.from_json_file(os.path.join(os.path.expanduser(config.init_from), "config.json"))
+    if source.vocab_size < vocab_size:
+        raise UserError(f"init_from has vocab_size={source.vocab_size} but the tokenizer has {vocab_size} tokens")
+    shape = {k: getattr(source, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                                             "activation_function", "layer_norm_epsilon")}
+    return model.replace(**shape)
+
+
+def peak_flops_per_second() -> float:
+    """Peak of one device: from the table for known accelerators, measured with a matmul otherwise."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        matmul(a).block_until_ready()
+    return 5 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, float]:
+    """Train as `config` says into `workdir`, resuming from its latest checkpoint. Returns the last metrics."""
+    from tqdm.auto import tqdm
+
+    t = config.train
+    validate_experiment(config, jax.device_count())
+    main = jax.process_index() == 0
+    bins = prepare(config.data, progress=progress and main)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"])
+    resolved = resolve(config, model)
+    open_run_dir(workdir, resolved, write=main)
+    info = run_info() | {"status": "running"}
+    if main:
+        write_json(os.path.join(workdir, "run.json"), info)
+
+    module = GPT2LMHeadModule(model)
+    optimizer, schedule = make_optimizer(config.optim, t.max_steps)
+    state = init_state(initial_params(config, model), optimizer, t.seed)
+    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=global_replicated_sharding()),
+                              state)
+        state, _, _ = checkpoints.restore(start, target)
+        if main:
+            print(f"resuming {workdir} from step {start}")
+    p_state = replicate(state)
+    p_train, p_eval = pmapped_steps(module, optimizer, schedule, t.grad_accum_steps,
+                                    dropout=max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0)
+
+    local_devices, block = jax.local_device_count(), config.data.block_size
+    sampler = BatchSampler(bins.tokens("train"), block, t.global_batch_size, t.seed, jax.process_index(),
+                           jax.process_count(), local_devices)
+    val = [] if config.data.val_fraction == 0 else [
+        shard_batch(b) for b in validation_batches(bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps,
+                                                   t.eval_batches, jax.process_index(), jax.process_count(),
+                                                   local_devices)]
+    log = RunLog(workdir, enabled=main)
+    flops_per_token = 6 * (sum(x.size for x in jax.tree.leaves(state.params)) - model.n_positions * model.n_embd)
+    flops_per_token += 12 * model.n_layer * model.n_embd * block
+    peak = peak_flops_per_second() * (jax.device_count() if jax.default_backend() != "cpu" else jax.process_count())
+    prefetch = Prefetcher(lambda step: shard_batch(sampler(step)), start_step=start)
+    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    last: dict[str, float] = {}
+    pending: list = []
+    timed_steps, interval_start = 0, time.perf_counter()
+    try:
+        for step in range(start, t.max_steps):
+            _, batch = next(prefetch)
+            p_state, metrics = p_train(p_state, batch)
+            pending.append(metrics)
+            done = step + 1
+            bar.update(1)
+            if step == start:  # keep compilation out of the throughput figures
+                jax.block_until_ready(metrics)
+                timed_steps, interval_start = 0, time.perf_counter()
+            else:
+                timed_steps += 1
+            if (done % t.log_every == 0 or done == t.max_steps) and timed_steps:
+                host = jax.device_get(pending)  # the only host sync of the train loop
+                seconds = time.perf_counter() - interval_start
+                tokens = timed_steps * t.global_batch_size * block
+                last = {
+                    "loss": float(np.mean([m["loss"][0] for m in host])),
+                    "lr": float(host[-1]["lr"][0]),
+                    "grad_norm": float(np.mean([m["grad_norm"][0] for m in host])),
+                    "tokens_per_s": tokens / seconds,
+                    "step_time_ms": 1e3 * seconds / timed_steps,
+                    "mfu": tokens / seconds * flops_per_token / peak,
+                    "tokens_seen": done * t.global_batch_size * block,
+                }
+                if not np.isfinite(last["loss"]):
+                    raise UserError(f"non-finite train loss {last['loss']} at step {done}; no checkpoint was written "
+                                    "for it")
+                log.metrics(done, "train", last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+                pending = []
+            if val and (done % t.eval_every == 0 or done == t.max_steps):
+                val_loss = float(np.mean([np.asarray(p_eval(p_state.params, b))[0] for b in val]))
+                last["val_loss"] = val_loss
+                log.metrics(done, "val", {"loss": val_loss, "perplexity": float(np.exp(val_loss)),
+                                          "tokens_seen": done * t.global_batch_size * block})
+            if main and t.sample_every and done % t.sample_every == 0:
+                log.sample(done, t.sample_prompt, sample_text(model, p_state.params, tokenizer, t, seed=done))
+            if done % t.checkpoint_every == 0 or done == t.max_steps:
+                checkpoints.save(done, to_global(p_state), data={"step": done, "seed": t.seed}, config=resolved,
+                                 meta={"loss": last.get("loss"), "val_loss": last.get("val_loss")})
+            if not pending:
+                timed_steps, interval_start = 0, time.perf_counter()
+        info["status"] = "finished"
+    except KeyboardInterrupt:
+        info["status"] = "stopped"
+        raise
+    except BaseException:
+        info["status"] = "failed"
+        raise
+    finally:
+        prefetch.close()
+        bar.close()
+        checkpoints.close()
+        if main:
+            log.hparams(flatten(resolved), {k: v for k, v in last.items() if k in ("loss", "val_loss")})
+            log.close()
+            info["stopped"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            write_json(os.path.join(workdir, "run.json"), info)
+    return last
+
+
+def sample_text(model: GPT2Config, replicated_params: Any, tokenizer, train: ml_collections.ConfigDict, seed: int) -> str:
+    prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eos_token_id]
+    new_tokens = min(train.sample_tokens, model.n_positions - len(prompt))
+    if new_tokens < 1:
+        return ""
+    lm = GPT2LMHeadModel(model, params=unreplicate_to_host(replicated_params))
+    ids = lm.generate(np.array([prompt]), max_new_tokens=new_tokens, do_sample=True, top_k=50, seed=seed,
+                      eos_token_id=-1)
+    return tokenizer.decode(ids[0, len(prompt):])

@@ -158,30 +158,22 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             p_state, metrics = p_train(p_state, batch)
             pending.append(metrics)
             done = step + 1
-            bar.update(1)
             if step == start:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
                 timed_steps, interval_start = 0, time.perf_counter()
             else:
                 timed_steps += 1
-            if (done % t.log_every == 0 or done == t.max_steps) and timed_steps:
+            saving = done % t.checkpoint_every == 0 or done == t.max_steps
+            if done % t.log_every == 0 or saving:  # metrics are checked before every save
                 host = jax.device_get(pending)  # the only host sync of the train loop
-                seconds = time.perf_counter() - interval_start
-                tokens = timed_steps * t.global_batch_size * block
-                last = {
-                    "loss": float(np.mean([m["loss"][0] for m in host])),
-                    "lr": float(host[-1]["lr"][0]),
-                    "grad_norm": float(np.mean([m["grad_norm"][0] for m in host])),
-                    "tokens_per_s": tokens / seconds,
-                    "step_time_ms": 1e3 * seconds / timed_steps,
-                    "mfu": tokens / seconds * flops_per_token / peak,
-                    "tokens_seen": done * t.global_batch_size * block,
-                }
-                if not np.isfinite(last["loss"]):
-                    raise UserError(f"non-finite train loss {last['loss']} at step {done}; no checkpoint was written "
-                                    "for it")
+                last = summarize(host, done, timed_steps, time.perf_counter() - interval_start,
+                                 t.global_batch_size * block, flops_per_token, peak)
+                if not np.isfinite(last["loss"] + last["grad_norm"]):
+                    raise UserError(f"non-finite loss or gradient at step {first_bad_step(host, done)}; stopped "
+                                    f"without checkpointing it (latest good checkpoint: {checkpoints.latest_step()})")
                 log.metrics(done, "train", last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+                bar.update(done - bar.n)  # at syncs only: between them dispatch runs ahead of the device
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
                 pending = []
             if val and (done % t.eval_every == 0 or done == t.max_steps):
                 val_loss = float(np.mean([np.asarray(p_eval(p_state.params, b))[0] for b in val]))
@@ -190,7 +182,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                                           "tokens_seen": done * t.global_batch_size * block})
             if main and t.sample_every and done % t.sample_every == 0:
                 log.sample(done, t.sample_prompt, sample_text(model, p_state.params, tokenizer, t, seed=done))
-            if done % t.checkpoint_every == 0 or done == t.max_steps:
+            if saving:
                 checkpoints.save(done, to_global(p_state), data={"step": done, "seed": t.seed}, config=resolved,
                                  meta={"loss": last.get("loss"), "val_loss": last.get("val_loss")})
             if not pending:
@@ -212,6 +204,24 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             info["stopped"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             write_json(os.path.join(workdir, "run.json"), info)
     return last
+
+
+def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tokens_per_step: int,
+              flops_per_token: float, peak: float) -> dict[str, float]:
+    """Train metrics of the steps since the last log (throughput only over steps timed without compiling)."""
+    losses, norms = (np.array([m[k][0] for m in host]) for k in ("loss", "grad_norm"))
+    out = {"loss": float(losses.mean()), "lr": float(host[-1]["lr"][0]), "grad_norm": float(norms.mean()),
+           "tokens_seen": done * tokens_per_step}
+    if timed_steps:
+        tokens_per_s = timed_steps * tokens_per_step / seconds
+        out.update(tokens_per_s=tokens_per_s, step_time_ms=1e3 * seconds / timed_steps,
+                   mfu=tokens_per_s * flops_per_token / peak)
+    return out
+
+
+def first_bad_step(host: list[dict], done: int) -> int:
+    finite = [np.isfinite(m["loss"][0]) and np.isfinite(m["grad_norm"][0]) for m in host]
+    return done - len(host) + 1 + finite.index(False)
 
 
 def sample_text(model: GPT2Config, replicated_params: Any, tokenizer, train: ml_collections.ConfigDict, seed: int) -> str:

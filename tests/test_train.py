@@ -212,3 +212,15 @@ def test_two_processes_reproduce_the_single_process_run(smoke_run, cache_dir, tm
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     assert json.load(open(os.path.join(run_dir, "run.json")))["process_count"] == 2
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["10", "20"]
+
+
+def test_non_finite_loss_stops_without_checkpointing_it(cache_dir, tmp_path):
+    run_dir = str(tmp_path / "diverged")
+    config = smoke(cache_dir, "--config.optim.lr=1e12", "--config.optim.grad_clip=0.0", "--config.train.log_every=1",
+                   "--config.train.checkpoint_every=1", "--config.train.sample_every=0")
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step (\d+); stopped without checkpointing") as info:
+        run_training(config, run_dir, progress=False)
+    bad = int(info.value.args[0].split("step ")[1].split(";")[0])
+    steps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert steps and max(steps) < bad
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "failed"

@@ -4,16 +4,20 @@ One `CheckpointManager` per run directory (`runs/NAME/checkpoints/`), saving wit
 `ocp.args` API: `state` (params, opt state, step, rng; unreplicated), `data` (the step the
 sampler continues from and its seed), `config` (the resolved experiment config) and `meta`.
 Saves are asynchronous; Orbax writes each step into a temporary directory and renames it
-when complete, so an unfinished save is never listed as a step.
+when complete, so an unfinished save is never listed as a step. Kept: the latest `keep`
+steps and the `keep_best` steps with the lowest validation loss. A step that fails to
+restore (missing or truncated files) is reported and the previous step is used.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from gpt2jax.errors import UserError
 
@@ -21,10 +25,17 @@ from gpt2jax.errors import UserError
 class Checkpoints:
     """Save and restore the checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, run_dir: str, keep: int = 3, keep_best: int = 1, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        policies = [checkpoint_managers.LatestN(n=keep)]
+        if keep_best:
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -34,29 +45,46 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data: dict, config: dict, meta: dict | None = None) -> None:
-        """Start saving `state` (single copy, not per-device) at `step`; returns before the write ends."""
+    def save(self, step: int, state: Any, data: dict, config: dict, meta: dict | None = None,
+             val_loss: float | None = None) -> None:
+        """Start saving `state` (single copy, not per-device) at `step`; returns before the write ends.
+
+        `val_loss`, when this step was evaluated, ranks it for the best-k policy."""
+        meta = {**(meta or {}), "val_loss": val_loss}
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data),
                 config=ocp.args.JsonSave(config),
-                meta=ocp.args.JsonSave(meta or {}),
+                meta=ocp.args.JsonSave(meta),
             ),
+            metrics=None if val_loss is None else {"val_loss": val_loss},
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """(state, data position, config) of `step`, the state shaped like `abstract_state`."""
+    def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, data position) of the newest step that restores, shaped like `abstract_state`;
+        None when there is no checkpoint. Broken steps are reported on stderr and skipped."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
-            ),
-        )
-        return restored.state, restored.data, restored.config
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+        found = self._newest_restorable(lambda step: self.manager.restore(step, args=args))
+        return None if found is None else (found[0], found[1].state, found[1].data)
+
+    def _newest_restorable(self, restore: Callable[[int], Any], steps: list[int] | None = None):
+        """(step, restored) of the newest of `steps` (default: all) that restores; None if there are none."""
+        for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
+            try:
+                restored = restore(step)
+            except Exception as e:  # missing or truncated files: report, fall back to the step before
+                print(f"gpt2jax: checkpoint step {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); trying an older step",
+                      file=sys.stderr)
+                continue
+            return step, restored
+        if steps is None and not self.all_steps():
+            return None
+        raise UserError(f"{self.directory}: no readable checkpoint among steps {sorted(self.all_steps())}")
 
     def best_step(self) -> int | None:
         """The saved step with the lowest validation loss (train loss when there was no eval)."""
@@ -84,14 +112,24 @@ class Checkpoints:
         return chosen
 
     def restore_params(self, step: int | str | None = None) -> tuple[Any, dict, int]:
-        """(params, config, step) without knowing the optimizer: for sampling and export."""
-        step = self.resolve_step(step)
-        if step not in self.all_steps():
-            raise UserError(f"{self.directory}: no checkpoint at step {step} (have {self.all_steps()})")
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
-        )
-        return restored.state["params"], restored.config, step
+        """(params, config, step) without knowing the optimizer: for sampling, eval and export.
+
+        "latest" falls back to older steps when the newest is unreadable; a named step does not."""
+        chosen = self.resolve_step(step)
+        if chosen not in self.all_steps():
+            raise UserError(f"{self.directory}: no checkpoint at step {chosen} (have {self.all_steps()})")
+        candidates = [s for s in self.all_steps() if s <= chosen] if step in (None, "latest") else [chosen]
+        found, restored = self._newest_restorable(self._restore_on_this_host, candidates)
+        return restored.state["params"], restored.config, found
+
+    def _restore_on_this_host(self, step: int) -> Any:
+        """A step's state onto this process's first device, whatever topology wrote it."""
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              metadata.item_metadata)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

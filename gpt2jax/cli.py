@@ -27,7 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, help="processes in a multi-process run")
     train.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--overwrite", action="store_true", help="discard the run already in --workdir")
+    train.add_argument("--fork", metavar="RUN_DIR",
+                       help="start a new run in --workdir from RUN_DIR's latest checkpoint, with this config")
     train.set_defaults(handler=run_train)
+
+    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run or HF model")
+    evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
+    evaluate_source.add_argument("--run", help="a gpt2jax run directory")
+    evaluate_source.add_argument("--model", help="a Hugging Face GPT-2 directory")
+    evaluate.add_argument("--step", default=None, help="with --run: latest (default), best, or a step number")
+    evaluate.add_argument("--data", help="a text file (default: the run's validation split)")
+    evaluate.add_argument("--tokenizer", help="gpt2, byte or an HF tokenizer dir (default: the run's / beside the model)")
+    evaluate.add_argument("--block-size", type=int, help="tokens per window (default: the run's block size, or n_positions)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+    evaluate.set_defaults(handler=run_eval)
+
+    export = commands.add_parser("export", help="write a run's checkpoint as a Hugging Face GPT-2 directory")
+    export.add_argument("--run", required=True, help="a gpt2jax run directory")
+    export.add_argument("--step", default="latest", help="latest (default), best, or a step number")
+    export.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    export.set_defaults(handler=run_export)
 
     sample = commands.add_parser("sample", help="sample text from a model")
     source = sample.add_mutually_exclusive_group(required=True)
@@ -60,32 +81,52 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"{bins.directory}: {splits}")
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: argparse.Namespace) -> int:
     from gpt2jax.distributed import initialize
+    from gpt2jax.errors import UserError
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     from gpt2jax.config import load_config
     from gpt2jax.trainer import run_training
 
+    from gpt2jax.trainer import Stopped
+
+    if args.overwrite and args.fork:
+        raise UserError("--overwrite and --fork exclude each other")
     config = load_config(args.config, args.overrides)
-    last = run_training(config, args.workdir, progress=not args.no_progress)
+    workdir = args.workdir
+    try:
+        last = run_training(config, workdir, progress=not args.no_progress, overwrite=args.overwrite,
+                            fork_from=args.fork)
+    except Stopped as stopped:
+        resume = " ".join(["gpt2jax", "train", "--config", args.config, "--workdir", workdir, *args.overrides])
+        print(f"gpt2jax train: {stopped}; resume with: {resume}", file=sys.stderr)
+        return 128 + stopped.signum
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "val_loss", "tokens_per_s", "mfu"))
-    print(f"{args.workdir}: {shown}")
+    print(f"{workdir}: {shown}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from gpt2jax.evaluate import evaluate
+
+    source, result = evaluate(args.run, args.model, args.step, args.data, args.tokenizer, args.block_size,
+                              args.batch_size, args.max_batches)
+    print(f"{source}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from gpt2jax.textgen import export_run
+
+    step = export_run(args.run, args.step, args.out)
+    print(f"wrote {args.out} from {args.run} step {step}")
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from gpt2jax.errors import UserError
-    from gpt2jax.modeling import GPT2LMHeadModel
-    from gpt2jax.textgen import sample, tokenizer_for
+    from gpt2jax.textgen import load_model_and_tokenizer, sample
 
-    if args.run:
-        model = GPT2LMHeadModel.from_pretrained(args.run, dtype=args.dtype, step=args.step or "latest")
-        tokenizer = tokenizer_for(model, None, args.tokenizer or model.run_config["data"]["tokenizer"])
-    else:
-        if args.step is not None:
-            raise UserError("--step goes with --run")
-        model = GPT2LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
-        tokenizer = tokenizer_for(model, args.model, args.tokenizer)
+    model, tokenizer = load_model_and_tokenizer(args.run, args.model, args.step, args.tokenizer, args.dtype)
     sample(
         model, tokenizer, args.prompt, num_samples=args.num_samples, stream=args.stream, seed=args.seed,
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
+import shutil
+import signal
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +30,7 @@ from gpt2jax.data import prepare
 from gpt2jax.errors import UserError
 from gpt2jax.logs import RunLog, run_info, write_json
 from gpt2jax.model import GPT2LMHeadModule
-from gpt2jax.modeling import GPT2LMHeadModel, init_params
+from gpt2jax.modeling import GPT2LMHeadModel, init_params, is_run_dir
 from gpt2jax.tokenizer import load_tokenizer
 from gpt2jax.train import (global_replicated_sharding, init_state, make_optimizer, pmapped_steps, replicate,
                            shard_batch, to_global, unreplicate_to_host)
@@ -52,8 +55,63 @@ def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, A
     return resolved
 
 
-def open_run_dir(workdir: str, resolved: dict[str, Any], write: bool) -> None:
-    """Create the run directory, or check that it holds the same experiment (then training resumes)."""
+class Stopped(Exception):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step} by {signal.Signals(signum).name}; checkpoint saved")
+        self.step, self.signum = step, signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT set a flag instead of killing: the loop finishes its step, saves and stops."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def agreed(self) -> int | None:
+        """The signal, once every process has seen one (a collective when there are several)."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+
+        seen = multihost_utils.process_allgather(np.array(self.signum or 0, np.int32))
+        return int(seen.max()) or None
+
+
+def lock_run_dir(workdir: str) -> TextIO:
+    """Hold runs/NAME/.lock for the life of the trainer; a second trainer on the same run refuses."""
+    os.makedirs(workdir, exist_ok=True)
+    handle = open(os.path.join(workdir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{workdir} is in use by another trainer (pid {owner}); wait for it or use another --workdir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def check_run_dir(workdir: str, resolved: dict[str, Any]) -> None:
+    """A new or empty directory, or one holding this same experiment (training then resumes)."""
     path = os.path.join(workdir, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -62,18 +120,29 @@ def open_run_dir(workdir: str, resolved: dict[str, Any], write: bool) -> None:
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUME_SAFE_KEYS)
         if changed:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-            raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir")
-    elif os.path.exists(workdir) and os.listdir(workdir):
+            raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir, "
+                            "--fork NEW_DIR to continue from its checkpoint with this config, or --overwrite")
+    elif os.path.exists(workdir) and set(os.listdir(workdir)) - {".lock"}:
         raise UserError(f"{workdir} exists and is not a gpt2jax run directory (no config.json); use another --workdir")
-    if write:
-        os.makedirs(workdir, exist_ok=True)
-        write_json(path, resolved)
+
+
+def clear_run_dir(workdir: str) -> None:
+    """--overwrite: remove what an earlier run wrote (the lock stays, it is ours)."""
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if name != ".lock":
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
+    """Scratch init, or the params of an HF directory or a run's latest checkpoint, checked name by name."""
+    source = os.path.expanduser(config.init_from)
     if config.init_from == "scratch":
         return init_params(model, config.train.seed)
-    return hf.from_hf_state_dict(hf.load_state_dict(os.path.expanduser(config.init_from)), model)
+    if is_run_dir(source):
+        params, _, _ = Checkpoints(source).restore_params("latest")
+        return hf.from_hf_state_dict(hf.to_hf_state_dict(params), model)
+    return hf.from_hf_state_dict(hf.load_state_dict(source), model)
 
 
 def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int) -> GPT2Config:
@@ -81,7 +150,13 @@ def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_tok
     model = model_config(config, vocab_size, eos_token_id)
     if config.init_from == "scratch":
         return model
-    source = GPT2Config.from_json_file(os.path.join(os.path.expanduser(config.init_from), "config.json"))
+    path = os.path.join(os.path.expanduser(config.init_from), "config.json")
+    if is_run_dir(config.init_from):
+        with open(path) as f:
+            fields = json.load(f)["model"]
+        source = GPT2Config(**{k: v for k, v in fields.items() if k in GPT2Config.__dataclass_fields__})
+    else:
+        source = GPT2Config.from_json_file(path)
     if source.vocab_size < vocab_size:
         raise UserError(f"init_from has vocab_size={source.vocab_size} but the tokenizer has {vocab_size} tokens")
     shape = {k: getattr(source, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
@@ -105,8 +180,20 @@ def peak_flops_per_second() -> float:
     return 5 * 2 * n**3 / (time.perf_counter() - start)
 
 
-def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, float]:
-    """Train as `config` says into `workdir`, resuming from its latest checkpoint. Returns the last metrics."""
+def run_training(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    fork_from: str | None = None,
+) -> dict[str, float]:
+    """Train as `config` says into `workdir`, resuming from its latest good checkpoint.
+
+    `overwrite` discards a run already in `workdir`; `fork_from` starts a new run in `workdir`
+    from the latest checkpoint of another run directory (state, optimizer and step). Raises
+    `Stopped` after SIGTERM / SIGINT once the checkpoint of the current step is saved.
+    Returns the last metrics."""
     from tqdm.auto import tqdm
 
     t = config.train
@@ -116,22 +203,32 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"])
     resolved = resolve(config, model)
-    open_run_dir(workdir, resolved, write=main)
-    info = run_info() | {"status": "running"}
+    if fork_from is not None and not is_run_dir(fork_from):
+        raise UserError(f"--fork: {fork_from} is not a gpt2jax run directory")
+    if fork_from is not None and os.path.isdir(workdir) and set(os.listdir(workdir)) - {".lock"}:
+        raise UserError(f"--fork writes a new run into {workdir}, which is not empty")
+    if not overwrite:
+        check_run_dir(workdir, resolved)
+    lock = lock_run_dir(workdir) if main else None
+    if overwrite and main:
+        clear_run_dir(workdir)
+    info = run_info() | {"status": "running", "forked_from": fork_from}
     if main:
+        write_json(os.path.join(workdir, "config.json"), resolved)
         write_json(os.path.join(workdir, "run.json"), info)
 
     module = GPT2LMHeadModule(model)
     optimizer, schedule = make_optimizer(config.optim, t.max_steps)
     state = init_state(initial_params(config, model), optimizer, t.seed)
-    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=global_replicated_sharding()),
-                              state)
-        state, _, _ = checkpoints.restore(start, target)
+    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, keep_best=t.keep_best)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=global_replicated_sharding()),
+                          state)
+    found = (Checkpoints(fork_from) if fork_from else checkpoints).restore_latest_good(target)
+    start = 0
+    if found is not None:
+        start, state, _ = found
         if main:
-            print(f"resuming {workdir} from step {start}")
+            print(f"{'forking ' + fork_from if fork_from else 'resuming ' + workdir} from step {start}")
     p_state = replicate(state)
     p_train, p_eval = pmapped_steps(module, optimizer, schedule, t.grad_accum_steps,
                                     dropout=max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0)
@@ -152,7 +249,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
     last: dict[str, float] = {}
     pending: list = []
     timed_steps, interval_start = 0, time.perf_counter()
+    stop = StopSignals()
     try:
+        stop.__enter__()
         for step in range(start, t.max_steps):
             _, batch = next(prefetch)
             p_state, metrics = p_train(p_state, batch)
@@ -163,8 +262,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                 timed_steps, interval_start = 0, time.perf_counter()
             else:
                 timed_steps += 1
-            saving = done % t.checkpoint_every == 0 or done == t.max_steps
-            if done % t.log_every == 0 or saving:  # metrics are checked before every save
+            logging = done % t.log_every == 0
+            stopping = stop.agreed() if (logging or jax.process_count() == 1) else None
+            saving = done % t.checkpoint_every == 0 or done == t.max_steps or stopping is not None
+            if logging or saving:  # metrics are checked before every save
                 host = jax.device_get(pending)  # the only host sync of the train loop
                 last = summarize(host, done, timed_steps, time.perf_counter() - interval_start,
                                  t.global_batch_size * block, flops_per_token, peak)
@@ -175,6 +276,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                 bar.update(done - bar.n)  # at syncs only: between them dispatch runs ahead of the device
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
                 pending = []
+            val_loss = None
             if val and (done % t.eval_every == 0 or done == t.max_steps):
                 val_loss = float(np.mean([np.asarray(p_eval(p_state.params, b))[0] for b in val]))
                 last["val_loss"] = val_loss
@@ -184,17 +286,20 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                 log.sample(done, t.sample_prompt, sample_text(model, p_state.params, tokenizer, t, seed=done))
             if saving:
                 checkpoints.save(done, to_global(p_state), data={"step": done, "seed": t.seed}, config=resolved,
-                                 meta={"loss": last.get("loss"), "val_loss": last.get("val_loss")})
+                                 meta={"loss": last.get("loss")}, val_loss=val_loss)
+            if stopping is not None:
+                raise Stopped(done, stopping)
             if not pending:
                 timed_steps, interval_start = 0, time.perf_counter()
         info["status"] = "finished"
-    except KeyboardInterrupt:
+    except (Stopped, KeyboardInterrupt):
         info["status"] = "stopped"
         raise
     except BaseException:
         info["status"] = "failed"
         raise
     finally:
+        stop.__exit__()
         prefetch.close()
         bar.close()
         checkpoints.close()
@@ -203,6 +308,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             log.close()
             info["stopped"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             write_json(os.path.join(workdir, "run.json"), info)
+        if lock is not None:
+            lock.close()
     return last
 
 

@@ -1,0 +1,83 @@
+"""Loss, perplexity and bits per byte of a model on a run's validation split or a text file."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2jax.errors import UserError
+from gpt2jax.model import next_token_loss
+from gpt2jax.modeling import GPT2LMHeadModel
+from gpt2jax.tokenizer import Tokenizer
+
+
+def evaluate_tokens(
+    model: GPT2LMHeadModel, tokenizer: Tokenizer, tokens: np.ndarray, block_size: int, batch_size: int = 8,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean next-token loss over consecutive, non-overlapping windows of `tokens`.
+
+    bits_per_byte = loss (nats/token) x tokens / (UTF-8 bytes of those tokens x ln 2), which
+    compares tokenizers: a byte-level and a BPE model on the same text get comparable numbers.
+    """
+    if block_size > model.config.n_positions:
+        raise UserError(f"block size {block_size} exceeds the model's n_positions={model.config.n_positions}")
+    windows = (len(tokens) - 1) // block_size
+    if windows < 1:
+        raise UserError(f"{len(tokens)} tokens are fewer than one window of {block_size + 1}")
+    if max_batches is not None:
+        windows = min(windows, max_batches * batch_size)
+    used = np.asarray(tokens[: windows * block_size + 1], dtype=np.int32)
+    if used.max() >= model.config.vocab_size:
+        raise UserError(f"the data has token id {used.max()} but the model's vocab_size is {model.config.vocab_size}")
+    starts = np.arange(windows) * block_size
+    loss_fn = jax.jit(lambda params, x, y: next_token_loss(model.module.apply({"params": params}, x)[0], y))
+    total = 0.0
+    for i in range(0, windows, batch_size):
+        rows = starts[i : i + batch_size, None] + np.arange(block_size + 1)
+        batch = used[rows]
+        total += float(loss_fn(model.params, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))) * len(rows)
+    loss = total / windows
+    targets = used[1:]
+    byte_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(model.config.vocab_size)])
+    n_bytes = int(byte_lengths[targets].sum())
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss * len(targets) / (max(n_bytes, 1) * math.log(2)),
+        "tokens": int(len(targets)),
+    }
+
+
+def evaluate(
+    run: str | None, model_dir: str | None, step: str | None, data: str | None, tokenizer_name: str | None,
+    block_size: int | None, batch_size: int, max_batches: int | None,
+) -> tuple[str, dict[str, float]]:
+    """`gpt2jax eval`: (what was evaluated, its metrics) for a run (default data: its val split) or an HF dir."""
+    from gpt2jax.textgen import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(run, model_dir, step, tokenizer_name)
+    run_data = model.run_config["data"] if run else None
+    block = block_size or (run_data["block_size"] if run_data else model.config.n_positions)
+    if data:
+        tokens, source = text_file_tokens(data, tokenizer), data
+    elif run_data:
+        import ml_collections
+
+        from gpt2jax.data import prepare
+
+        tokens, source = prepare(ml_collections.ConfigDict(run_data), progress=False).tokens("val"), f"{run} val split"
+    else:
+        raise UserError("--model needs --data FILE (a model directory has no validation split)")
+    return source, evaluate_tokens(model, tokenizer, tokens, block, batch_size, max_batches)
+
+
+def text_file_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return np.asarray(tokenizer.encode(f.read()), dtype=np.int64)

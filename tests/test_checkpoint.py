@@ -1,0 +1,259 @@
+"""Checkpoints: kill -9 and SIGTERM resume, broken steps, best-k, device counts, export, eval, fine-tuning."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.config import load_config
+from gpt2jax.trainer import run_training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
+STEP_LOGGING = ["--config.train.log_every=1", "--config.train.checkpoint_every=5", "--config.train.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def smoke(cache_dir, *overrides):
+    return load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(cache_dir, tmp_path_factory):
+    """The uninterrupted run, one train record per step."""
+    run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False)
+    return run_dir
+
+
+def train_command(cache_dir, run_dir):
+    return [sys.executable, "-m", "gpt2jax.cli", "train", "--config", SMOKE, "--workdir", run_dir, "--no-progress",
+            f"--config.data.cache_dir={cache_dir}", *STEP_LOGGING]
+
+
+def run_with_hook(hook: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess after `hook` patched the trainer (the hook decides when to die)."""
+    script = f"import sys\n{hook}\nfrom gpt2jax.cli import main\nsys.argv = {command[2:]!r}\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+
+def test_kill_9_midway_then_same_command_gives_the_same_losses(cache_dir, reference_run, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    hook = """
+import os
+from gpt2jax import checkpoint
+original = checkpoint.Checkpoints.save
+def save_then_die(self, step, *args, **kwargs):
+    original(self, step, *args, **kwargs)
+    if step == 10:  # the async write of step 10 has only just started
+        os.kill(os.getpid(), 9)
+checkpoint.Checkpoints.save = save_then_die
+"""
+    killed = run_with_hook(hook, train_command(cache_dir, run_dir))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = losses(run_dir)
+    assert max(before) == 10
+    restarted = subprocess.run(train_command(cache_dir, run_dir), capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "resuming" in restarted.stdout
+    after, reference = losses(run_dir), losses(reference_run)
+    assert set(after) == set(reference) == set(range(1, 21))
+    for step in range(1, 21):
+        assert abs(after[step] - reference[step]) <= 1e-6, step
+
+
+def test_sigterm_saves_the_step_reached_and_says_how_to_resume(cache_dir, reference_run, tmp_path):
+    run_dir = str(tmp_path / "preempted")
+    hook = """
+import os, signal
+from gpt2jax import trainer
+original = trainer.summarize
+def summarize(host, done, *args):
+    if done == 7:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(host, done, *args)
+trainer.summarize = summarize
+"""
+    stopped = run_with_hook(hook, train_command(cache_dir, run_dir))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "stopped at step 8 by SIGTERM" in stopped.stderr and "resume with: gpt2jax train" in stopped.stderr
+    assert Checkpoints(run_dir).all_steps() == [5, 8]
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "stopped"
+    resumed = subprocess.run(train_command(cache_dir, run_dir), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "from step 8" in resumed.stdout
+    after, reference = losses(run_dir), losses(reference_run)
+    assert all(abs(after[s] - reference[s]) <= 1e-6 for s in range(1, 21))
+
+
+def truncate_step(run_dir, step):
+    state_dir = os.path.join(run_dir, "checkpoints", str(step), "state")
+    for directory, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 3)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(cache_dir, reference_run, tmp_path, capfd):
+    run_dir = str(tmp_path / "broken")
+    shutil.copytree(reference_run, run_dir)
+    truncate_step(run_dir, 20)
+    model = GPT2LMHeadModel.from_pretrained(run_dir)
+    assert model.run_step == 15 and "checkpoint step 20" in capfd.readouterr().err
+    with pytest.raises(UserError, match="no readable checkpoint"):
+        GPT2LMHeadModel.from_pretrained(run_dir, step=20)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "20"))  # resume from 15 reproduces 16..20
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= 15]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
+    run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False)
+    assert all(abs(losses(run_dir)[s] - losses(reference_run)[s]) <= 1e-6 for s in range(16, 21))
+
+
+def test_unfinished_write_is_never_a_step(reference_run, tmp_path):
+    run_dir = str(tmp_path / "tmpdir")
+    shutil.copytree(reference_run, run_dir)
+    os.makedirs(os.path.join(run_dir, "checkpoints", "25.orbax-checkpoint-tmp-123", "state"))
+    assert Checkpoints(run_dir).latest_step() == 20
+
+
+def test_best_k_keeps_the_lowest_val_losses_and_the_latest(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path), keep=1, keep_best=2)
+    for step, val_loss in zip(range(1, 7), [5.0, 1.0, 4.0, 2.0, 3.0, None]):
+        checkpoints.save(step, {"params": {"w": jnp.full((2,), float(step))}}, data={"step": step}, config={},
+                         val_loss=val_loss)
+    checkpoints.close()
+    assert Checkpoints(str(tmp_path)).all_steps() == [2, 4, 6]  # best two (1.0, 2.0) and the latest
+    assert Checkpoints(str(tmp_path)).best_step() == 2
+
+
+def test_eight_device_checkpoint_restores_on_one_device(reference_run):
+    assert jax.device_count() == 8
+    ids = np.arange(24).reshape(2, 12) % 257
+    here = np.asarray(GPT2LMHeadModel.from_pretrained(reference_run)(ids).logits)
+    script = (f"import numpy as np, jax; from gpt2jax import GPT2LMHeadModel; assert jax.device_count() == 1\n"
+              f"np.save('{reference_run}/one.npy', np.asarray(GPT2LMHeadModel.from_pretrained('{reference_run}')"
+              f"(np.arange(24).reshape(2, 12) % 257).logits))")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(os.path.join(reference_run, "one.npy")), here, atol=1e-6)
+
+
+def test_resume_on_a_different_device_count(cache_dir, reference_run, tmp_path):
+    """A run checkpointed on 8 devices continues on 4 (global batch unchanged): same losses."""
+    run_dir = str(tmp_path / "four")
+    shutil.copytree(reference_run, run_dir)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "20"))
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "15"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(train_command(cache_dir, run_dir), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "from step 10" in result.stdout, result.stderr[-2000:]
+    after = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    resumed = {r["step"]: r["loss"] for r in after[-12:] if r["split"] == "train" and r["step"] > 10}
+    assert all(abs(resumed[s] - losses(reference_run)[s]) <= 1e-5 for s in range(11, 21))
+
+
+def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from gpt2jax.textgen import export_run
+
+    out = str(tmp_path / "hf")
+    assert export_run(reference_run, "best", out) in (15, 20)
+    ours = GPT2LMHeadModel.from_pretrained(reference_run, step="best")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = np.arange(30).reshape(2, 15) % 257
+    expected = reference(torch.as_tensor(ids)).logits.detach().numpy()
+    assert np.abs(np.asarray(ours(ids).logits) - expected).max() <= 1e-5
+    with pytest.raises(UserError, match="not empty"):
+        export_run(reference_run, "latest", out)
+
+
+def test_fine_tuning_from_an_hf_dir_starts_from_its_loss(cache_dir, tmp_path):
+    from gpt2jax.batches import BatchSampler
+    from gpt2jax.data import prepare
+
+    hf_dir = str(tmp_path / "pretrained")
+    config = GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, eos_token_id=256,
+                        bos_token_id=256)
+    sharp = jax.tree.map(lambda p: p * 8.0, GPT2LMHeadModel(config, seed=42).params)  # far from uniform predictions
+    base = GPT2LMHeadModel(config, params=sharp)
+    base.save_pretrained(hf_dir)
+    config = smoke(cache_dir, f"--config.init_from={hf_dir}", "--config.train.log_every=1",
+                   "--config.train.max_steps=2", "--config.model.resid_pdrop=0.0")
+    run_dir = str(tmp_path / "finetuned")
+    run_training(config, run_dir, progress=False)
+    bins = prepare(config.data, progress=False)
+    first = BatchSampler(bins.tokens("train"), 32, 16, seed=0)(0)
+    inputs, targets = first["inputs"].reshape(16, 32), first["targets"].reshape(16, 32)
+    logits = np.asarray(base(inputs).logits)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    assert abs(losses(run_dir)[1] - expected) <= 1e-4
+    scratch = smoke(cache_dir, "--config.train.log_every=1", "--config.train.max_steps=2")
+    run_training(scratch, str(tmp_path / "scratch"), progress=False)
+    assert abs(losses(str(tmp_path / "scratch"))[1] - expected) > 1e-3  # the check above would notice scratch init
+
+
+def test_fine_tuning_reports_shape_mismatches_by_name(cache_dir, tmp_path):
+    hf_dir = str(tmp_path / "pretrained")
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        fields = json.load(f)
+    fields["n_inner"] = 100  # the weights say 128
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(fields, f)
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.bias: config.json implies shape \(100,\)"):
+        run_training(smoke(cache_dir, f"--config.init_from={hf_dir}"), str(tmp_path / "run"), progress=False)
+
+
+def test_fork_overwrite_and_a_second_trainer(cache_dir, reference_run, tmp_path):
+    from gpt2jax.trainer import lock_run_dir
+
+    with pytest.raises(UserError, match="different config.*--fork NEW_DIR.*--overwrite"):
+        run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), reference_run, progress=False)
+    fork = str(tmp_path / "fork")
+    run_training(smoke(cache_dir, *STEP_LOGGING, "--config.train.max_steps=25"), fork, progress=False,
+                 fork_from=reference_run)
+    assert min(losses(fork)) == 21 and Checkpoints(fork).latest_step() == 25
+    assert json.load(open(os.path.join(fork, "run.json")))["forked_from"] == reference_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(reference_run, copy)
+    run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), copy, progress=False, overwrite=True)
+    assert min(losses(copy)) == 1 and json.load(open(os.path.join(copy, "config.json")))["optim"]["lr"] == 1e-3
+    held = lock_run_dir(copy)
+    try:
+        with pytest.raises(UserError, match=f"in use by another trainer \\(pid {os.getpid()}\\)"):
+            run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), copy, progress=False)
+    finally:
+        held.close()
+
+
+def test_eval_and_sample_from_a_run_on_the_cli(reference_run):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "gpt2jax.cli", *args], capture_output=True, text=True)
+    evaluated = run("eval", "--run", reference_run, "--max-batches", "2")
+    assert evaluated.returncode == 0 and "val split: loss" in evaluated.stdout and "bits/byte" in evaluated.stdout
+    sampled = run("sample", "--run", reference_run, "--step", "best", "--prompt", "def ", "--max-new-tokens", "8")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("def ")
+    missing = run("sample", "--run", reference_run, "--step", "3", "--prompt", "x")
+    assert missing.returncode == 2 and "no checkpoint at step 3" in missing.stderr

@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
     export.set_defaults(handler=run_export)
 
+    compare = commands.add_parser("compare", help="compare runs: differing config keys, losses, speed")
+    compare.add_argument("runs", nargs="+", help="run directories (shell globs such as runs/* work)")
+    compare.add_argument("--format", default="table", choices=["table", "markdown", "csv", "json"])
+    compare.add_argument("--plot", metavar="PNG", help="also plot loss against tokens and wall time")
+    compare.set_defaults(handler=run_compare)
+
+    sweep = commands.add_parser("sweep", help="train a grid of configs one after another, then compare them")
+    sweep.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
+    sweep.add_argument("--grid", action="append", required=True, help="KEY=[V1,V2,...]; repeat for more axes")
+    sweep.add_argument("--workdir", required=True, help="group directory: one run per grid point inside")
+    sweep.add_argument("--print-commands", action="store_true", help="print one train command per point instead")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.set_defaults(handler=run_sweep)
+
     sample = commands.add_parser("sample", help="sample text from a model")
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
@@ -121,6 +135,24 @@ def run_export(args: argparse.Namespace) -> None:
 
     step = export_run(args.run, args.step, args.out)
     print(f"wrote {args.out} from {args.run} step {step}")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from gpt2jax.compare import compare_rows, format_rows, plot, read_runs
+
+    records = read_runs(args.runs)
+    print(format_rows(compare_rows(records), args.format))
+    if args.plot:
+        plot(records, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from gpt2jax.compare import compare_rows, format_rows, read_runs, sweep
+
+    run_dirs = sweep(args.config, args.grid, args.workdir, args.overrides, args.print_commands, not args.no_progress)
+    if not args.print_commands:
+        print(format_rows(compare_rows(read_runs(run_dirs)), "table"))
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true")
     sweep.set_defaults(handler=run_sweep)
 
+    bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU")
+    bench.add_argument("--size", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--what", nargs="+", default=["forward", "decode", "train"],
+                       choices=["forward", "decode", "train"])
+    bench.add_argument("--batch", type=int, default=1, help="sequences per device")
+    bench.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    bench.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated after a 32-token prompt")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(handler=run_bench)
+
     sample = commands.add_parser("sample", help="sample text from a model")
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
@@ -153,6 +164,12 @@ def run_sweep(args: argparse.Namespace) -> None:
     run_dirs = sweep(args.config, args.grid, args.workdir, args.overrides, args.print_commands, not args.no_progress)
     if not args.print_commands:
         print(format_rows(compare_rows(read_runs(run_dirs)), "table"))
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from gpt2jax.bench import run_bench as bench
+
+    bench(args.size, args.dtype, args.what, args.batch, args.seq, args.new_tokens, args.repeats)
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -87,9 +87,12 @@ def init_params(config: GPT2Config, seed: int = 0) -> Any:
 
 def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
     """Range-check concrete integer arrays (under tracing there is nothing to check)."""
-    if ids is None or isinstance(ids, jax.core.Tracer):
+    if ids is None:
         return
-    array = np.asarray(ids)
+    try:
+        array = np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:
+        return
     if array.ndim != 2:
         raise UserError(f"{name} must have shape (batch, time), got {array.shape}")
     if array.size and (array.min() < 0 or array.max() >= upper):

@@ -99,3 +99,9 @@ def test_prepare_bad_config_exits_2(tmp_path, override, message):
 def test_prepare_missing_experiment_file():
     result = run("prepare", "--config", "experiments/nope.py")
     assert result.returncode == 2 and "no such experiment file" in result.stderr
+
+
+def test_bench_reports_throughput_and_mfu():
+    result = run("bench", "--what", "forward", "--seq", "8", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gpt2 (124.4M) float32" in result.stdout and "forward 1x8:" in result.stdout and "MFU" in result.stdout

@@ -117,7 +117,8 @@ def check_run_dir(workdir: str, resolved: dict[str, Any]) -> None:
         with open(path) as f:
             before = flatten(json.load(f))
         now = flatten(resolved)
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUME_SAFE_KEYS)
+        keys = (before.keys() | now.keys()) - RESUME_SAFE_KEYS
+        changed = sorted(k for k in keys if before.get(k) != now.get(k))
         if changed:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
             raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir, "
@@ -209,48 +210,49 @@ def run_training(
         raise UserError(f"--fork writes a new run into {workdir}, which is not empty")
     if not overwrite:
         check_run_dir(workdir, resolved)
-    lock = lock_run_dir(workdir) if main else None
-    if overwrite and main:
-        clear_run_dir(workdir)
-    info = run_info() | {"status": "running", "forked_from": fork_from}
-    if main:
-        write_json(os.path.join(workdir, "config.json"), resolved)
-        write_json(os.path.join(workdir, "run.json"), info)
-
     module = GPT2LMHeadModule(model)
     optimizer, schedule = make_optimizer(config.optim, t.max_steps)
     state = init_state(initial_params(config, model), optimizer, t.seed)
-    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, keep_best=t.keep_best)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=global_replicated_sharding()),
-                          state)
-    found = (Checkpoints(fork_from) if fork_from else checkpoints).restore_latest_good(target)
-    start = 0
-    if found is not None:
-        start, state, _ = found
-        if main:
-            print(f"{'forking ' + fork_from if fork_from else 'resuming ' + workdir} from step {start}")
-    p_state = replicate(state)
-    p_train, p_eval = pmapped_steps(module, optimizer, schedule, t.grad_accum_steps,
-                                    dropout=max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0)
-
-    local_devices, block = jax.local_device_count(), config.data.block_size
-    sampler = BatchSampler(bins.tokens("train"), block, t.global_batch_size, t.seed, jax.process_index(),
-                           jax.process_count(), local_devices)
-    val = [] if config.data.val_fraction == 0 else [
-        shard_batch(b) for b in validation_batches(bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps,
-                                                   t.eval_batches, jax.process_index(), jax.process_count(),
-                                                   local_devices)]
-    log = RunLog(workdir, enabled=main)
-    flops_per_token = 6 * (sum(x.size for x in jax.tree.leaves(state.params)) - model.n_positions * model.n_embd)
-    flops_per_token += 12 * model.n_layer * model.n_embd * block
-    peak = peak_flops_per_second() * (jax.device_count() if jax.default_backend() != "cpu" else jax.process_count())
-    prefetch = Prefetcher(lambda step: shard_batch(sampler(step)), start_step=start)
-    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    lock = lock_run_dir(workdir) if main else None  # after everything that can fail on a user error
+    info = run_info() | {"status": "running", "forked_from": fork_from}
+    stop, prefetch, bar, checkpoints, log = StopSignals(), None, None, None, None
     last: dict[str, float] = {}
-    pending: list = []
-    timed_steps, interval_start = 0, time.perf_counter()
-    stop = StopSignals()
     try:
+        if overwrite and main:
+            clear_run_dir(workdir)
+        if main:
+            write_json(os.path.join(workdir, "config.json"), resolved)
+            write_json(os.path.join(workdir, "run.json"), info)
+
+        checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, keep_best=t.keep_best)
+        replicated = global_replicated_sharding()
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        found = (Checkpoints(fork_from) if fork_from else checkpoints).restore_latest_good(target)
+        start = 0
+        if found is not None:
+            start, state, _ = found
+            if main:
+                print(f"{'forking ' + fork_from if fork_from else 'resuming ' + workdir} from step {start}")
+        p_state = replicate(state)
+        p_train, p_eval = pmapped_steps(module, optimizer, schedule, t.grad_accum_steps,
+                                        dropout=max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0)
+
+        local_devices, block = jax.local_device_count(), config.data.block_size
+        sampler = BatchSampler(bins.tokens("train"), block, t.global_batch_size, t.seed, jax.process_index(),
+                               jax.process_count(), local_devices)
+        val_batch_size = t.global_batch_size // t.grad_accum_steps
+        val = [] if config.data.val_fraction == 0 else [
+            shard_batch(b) for b in validation_batches(bins.tokens("val"), block, val_batch_size, t.eval_batches,
+                                                       jax.process_index(), jax.process_count(), local_devices)]
+        log = RunLog(workdir, enabled=main)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params)) - model.n_positions * model.n_embd
+        flops_per_token = 6 * n_params + 12 * model.n_layer * model.n_embd * block
+        chips = jax.device_count() if jax.default_backend() != "cpu" else jax.process_count()  # CPU: one peak per host
+        peak = peak_flops_per_second() * chips
+        prefetch = Prefetcher(lambda step: shard_batch(sampler(step)), start_step=start)
+        bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
+        pending: list = []
+        timed_steps, interval_start = 0, time.perf_counter()
         stop.__enter__()
         for step in range(start, t.max_steps):
             _, batch = next(prefetch)
@@ -300,12 +302,13 @@ def run_training(
         raise
     finally:
         stop.__exit__()
-        prefetch.close()
-        bar.close()
-        checkpoints.close()
-        if main:
+        for resource in (prefetch, bar, checkpoints):
+            if resource is not None:
+                resource.close()
+        if log is not None:
             log.hparams(flatten(resolved), {k: v for k, v in last.items() if k in ("loss", "val_loss")})
             log.close()
+        if main:
             info["stopped"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             write_json(os.path.join(workdir, "run.json"), info)
         if lock is not None:
@@ -331,7 +334,10 @@ def first_bad_step(host: list[dict], done: int) -> int:
     return done - len(host) + 1 + finite.index(False)
 
 
-def sample_text(model: GPT2Config, replicated_params: Any, tokenizer, train: ml_collections.ConfigDict, seed: int) -> str:
+def sample_text(
+    model: GPT2Config, replicated_params: Any, tokenizer: Any, train: ml_collections.ConfigDict, seed: int
+) -> str:
+    """A text sample from the current params (process 0), logged during training."""
     prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eos_token_id]
     new_tokens = min(train.sample_tokens, model.n_positions - len(prompt))
     if new_tokens < 1:

@@ -257,3 +257,13 @@ def test_eval_and_sample_from_a_run_on_the_cli(reference_run):
     assert sampled.returncode == 0 and sampled.stdout.startswith("def ")
     missing = run("sample", "--run", reference_run, "--step", "3", "--prompt", "x")
     assert missing.returncode == 2 and "no checkpoint at step 3" in missing.stderr
+
+
+def test_a_failed_start_leaves_the_run_dir_usable(cache_dir, tmp_path):
+    """A bad init_from fails before anything is written, so the corrected command starts cleanly."""
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(UserError):
+        run_training(smoke(cache_dir, f"--config.init_from={tmp_path}"), run_dir, progress=False)
+    assert not os.path.exists(os.path.join(run_dir, "config.json"))
+    run_training(smoke(cache_dir, "--config.train.max_steps=5"), run_dir, progress=False)
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "finished"

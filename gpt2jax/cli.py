@@ -9,6 +9,15 @@ import argparse
 import sys
 
 
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--run RUN [--step] | --model HF_DIR, and --tokenizer: how sample and eval name a model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
+    source.add_argument("--run", help="a gpt2jax run directory, e.g. runs/NAME")
+    parser.add_argument("--step", default=None, help="with --run: latest (default), best, or a step number")
+    parser.add_argument("--tokenizer", help="gpt2, byte or an HF tokenizer dir (default: the run's / beside the model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gpt2jax import __version__
 
@@ -33,12 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=run_train)
 
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run or HF model")
-    evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
-    evaluate_source.add_argument("--run", help="a gpt2jax run directory")
-    evaluate_source.add_argument("--model", help="a Hugging Face GPT-2 directory")
-    evaluate.add_argument("--step", default=None, help="with --run: latest (default), best, or a step number")
+    add_model_source(evaluate)
     evaluate.add_argument("--data", help="a text file (default: the run's validation split)")
-    evaluate.add_argument("--tokenizer", help="gpt2, byte or an HF tokenizer dir (default: the run's / beside the model)")
     evaluate.add_argument("--block-size", type=int, help="tokens per window (default: the run's block size, or n_positions)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
@@ -76,11 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=run_bench)
 
     sample = commands.add_parser("sample", help="sample text from a model")
-    source = sample.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a Hugging Face GPT-2 directory (or hub name, when online)")
-    source.add_argument("--run", help="a gpt2jax run directory, e.g. runs/NAME")
-    sample.add_argument("--step", default=None, help="with --run: latest (default), best, or a step number")
-    sample.add_argument("--tokenizer", help="gpt2, byte, or an HF tokenizer dir (default: beside the model)")
+    add_model_source(sample)
     sample.add_argument("--prompt", required=True, help="text to continue")
     sample.add_argument("--max-new-tokens", type=int, default=64)
     sample.add_argument("--temperature", type=float, default=1.0)

@@ -8,11 +8,13 @@ import dataclasses
 import io
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
 from typing import Any, Sequence
 
+from gpt2jax.config import flatten
 from gpt2jax.errors import UserError
 
 COLUMNS = ["run", "differs", "params", "steps", "tokens", "best_val_loss", "best_val_step", "last_train_loss",
@@ -32,13 +34,6 @@ class RunRecord:
 
     def split(self, split: str) -> list[dict[str, Any]]:
         return [m for m in self.metrics if m.get("split") == split]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -115,14 +110,7 @@ def _parameter_count(config: dict[str, Any]) -> int | None:
         model = GPT2Config(**{k: v for k, v in fields.items() if k in GPT2Config.__dataclass_fields__})
     except (TypeError, UserError):
         return None
-    return sum(int(_prod(s.shape)) for s in param_shapes(model).values())
-
-
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
+    return sum(math.prod(s.shape) for s in param_shapes(model).values())
 
 
 def compare_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:

@@ -297,6 +297,14 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         raise UserError(f"--config.{key}={raw}: expected {type(node[leaf]).__name__}, got {raw!r}") from None
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: config JSON as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int) -> GPT2Config:
     """The GPT2Config an experiment describes; vocab_size (when unset) and EOS come from the tokenizer."""
     m = config.model

@@ -18,14 +18,14 @@ import time
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gpt2jax import hf
 from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.config import RESUME_SAFE_KEYS, GPT2Config, model_config, validate_experiment
+from gpt2jax.bench import matmul_peak
+from gpt2jax.config import RESUME_SAFE_KEYS, GPT2Config, flatten, model_config, validate_experiment
 from gpt2jax.data import prepare
 from gpt2jax.errors import UserError
 from gpt2jax.logs import RunLog, run_info, write_json
@@ -38,13 +38,6 @@ from gpt2jax.train import (global_replicated_sharding, init_state, make_optimize
 # bf16 dense peak per chip (FLOP/s), for MFU; other devices are measured at start-up.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, Any]:
@@ -171,14 +164,7 @@ def peak_flops_per_second() -> float:
     for name, peak in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
             return peak
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(5):
-        matmul(a).block_until_ready()
-    return 5 * 2 * n**3 / (time.perf_counter() - start)
+    return matmul_peak("float32", n=1024)
 
 
 def run_training(

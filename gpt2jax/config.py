@@ -111,6 +111,18 @@ class GPT2Config:
     def storage_dtype(self) -> Any:
         return DTYPES[self.param_dtype]
 
+    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
+        """Parameters of the model (the tied LM head counted once), by hand from the shapes."""
+        D, F = self.n_embd, self.inner_dim
+        per_block = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+        total = self.vocab_size * D + self.n_positions * D + self.n_layer * per_block + 2 * D
+        return total - (self.n_positions * D if exclude_position_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), nanoGPT's and PaLM's estimate: 6 N for the
+        weights (N without the position embedding, a lookup) plus 12 L D T for attention over T tokens."""
+        return 6 * self.num_parameters(exclude_position_embeddings=True) + 12 * self.n_layer * self.n_embd * seq_len
+
     def replace(self, **changes: Any) -> GPT2Config:
         return dataclasses.replace(self, **changes)
 

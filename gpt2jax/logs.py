@@ -31,7 +31,8 @@ class RunLog:
         record = {"step": step, "split": split, "time": round(_now(), 3), **values}
         _append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
         for name, value in values.items():
-            self._tb.add_scalar(f"{split}/{name}", value, step)
+            if isinstance(value, (int, float)):  # not labels such as mfu_peak
+                self._tb.add_scalar(f"{split}/{name}", value, step)
 
     def sample(self, step: int, prompt: str, text: str) -> None:
         if not self.enabled:

@@ -24,21 +24,16 @@ import numpy as np
 from gpt2jax import hf
 from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.bench import matmul_peak
 from gpt2jax.config import RESUME_SAFE_KEYS, GPT2Config, flatten, model_config, validate_experiment
 from gpt2jax.data import prepare
 from gpt2jax.errors import UserError
 from gpt2jax.logs import RunLog, run_info, write_json
 from gpt2jax.model import GPT2LMHeadModule
 from gpt2jax.modeling import GPT2LMHeadModel, init_params, is_run_dir
+from gpt2jax import perf
 from gpt2jax.tokenizer import load_tokenizer
 from gpt2jax.train import (global_replicated_sharding, init_state, make_optimizer, pmapped_steps, replicate,
                            shard_batch, to_global, unreplicate_to_host)
-
-# bf16 dense peak per chip (FLOP/s), for MFU; other devices are measured at start-up.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "V100": 125e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
 
 def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, Any]:
     """The config as it runs: model sizes and vocab filled in, decay_steps made explicit."""
@@ -158,15 +153,6 @@ def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_tok
     return model.replace(**shape)
 
 
-def peak_flops_per_second() -> float:
-    """Peak of one device: from the table for known accelerators, measured with a matmul otherwise."""
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return matmul_peak("float32", n=1024)
-
-
 def run_training(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -231,10 +217,9 @@ def run_training(
             shard_batch(b) for b in validation_batches(bins.tokens("val"), block, val_batch_size, t.eval_batches,
                                                        jax.process_index(), jax.process_count(), local_devices)]
         log = RunLog(workdir, enabled=main)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params)) - model.n_positions * model.n_embd
-        flops_per_token = 6 * n_params + 12 * model.n_layer * model.n_embd * block
-        chips = jax.device_count() if jax.default_backend() != "cpu" else jax.process_count()  # CPU: one peak per host
-        peak = peak_flops_per_second() * chips
+        flops_per_token = model.flops_per_token(block)
+        device_peak = perf.device_peak()
+        peak = device_peak.flops_per_second * perf.chips()
         prefetch = Prefetcher(lambda step: shard_batch(sampler(step)), start_step=start)
         bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
         pending: list = []
@@ -256,13 +241,14 @@ def run_training(
             if logging or saving:  # metrics are checked before every save
                 host = jax.device_get(pending)  # the only host sync of the train loop
                 last = summarize(host, done, timed_steps, time.perf_counter() - interval_start,
-                                 t.global_batch_size * block, flops_per_token, peak)
+                                 t.global_batch_size * block, flops_per_token, peak, device_peak.source)
                 if not np.isfinite(last["loss"] + last["grad_norm"]):
                     raise UserError(f"non-finite loss or gradient at step {first_bad_step(host, done)}; stopped "
                                     f"without checkpointing it (latest good checkpoint: {checkpoints.latest_step()})")
                 log.metrics(done, "train", last)
                 bar.update(done - bar.n)  # at syncs only: between them dispatch runs ahead of the device
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}",
+                                mfu=f"{last.get('mfu', 0):.1%} of {device_peak.source} peak")
                 pending = []
             val_loss = None
             if val and (done % t.eval_every == 0 or done == t.max_steps):
@@ -303,7 +289,7 @@ def run_training(
 
 
 def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tokens_per_step: int,
-              flops_per_token: float, peak: float) -> dict[str, float]:
+              flops_per_token: float, peak: float, peak_source: str = "measured") -> dict[str, Any]:
     """Train metrics of the steps since the last log (throughput only over steps timed without compiling)."""
     losses, norms = (np.array([m[k][0] for m in host]) for k in ("loss", "grad_norm"))
     out = {"loss": float(losses.mean()), "lr": float(host[-1]["lr"][0]), "grad_norm": float(norms.mean()),
@@ -311,7 +297,7 @@ def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tok
     if timed_steps:
         tokens_per_s = timed_steps * tokens_per_step / seconds
         out.update(tokens_per_s=tokens_per_s, step_time_ms=1e3 * seconds / timed_steps,
-                   mfu=tokens_per_s * flops_per_token / peak)
+                   mfu=perf.mfu(tokens_per_s, flops_per_token, peak), mfu_peak=peak_source)
     return out
 
 

@@ -88,8 +88,7 @@ def bench_case(name: str, steps: int, peak: float) -> None:
         start = time.perf_counter()
         torch_step()
         ref_s.append(time.perf_counter() - start)
-    n_params = ours.num_parameters() - config.n_positions * config.n_embd
-    flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * T
+    flops_per_token = config.flops_per_token(T)
     ours_tps, ref_tps = batch * T / statistics.median(ours_s), batch * T / statistics.median(ref_s)
     print(f"  {name} ({ours.num_parameters() / 1e6:.1f}M, batch {batch}x{T}): gpt2jax {ours_tps:8.0f} tok/s "
           f"(MFU {ours_tps * flops_per_token / peak:.0%})  torch {ref_tps:8.0f} tok/s "

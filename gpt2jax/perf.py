@@ -1,0 +1,81 @@
+"""FLOP/s peaks and MFU: the one home of the numbers that the trainer and `gpt2jax bench` report.
+
+MFU as nanoGPT, llm.c and MaxText report it: model FLOPs per token (`GPT2Config.flops_per_token`,
+6 N + 12 L D T) x tokens per second / the peak of the chips doing the work. The peak is the
+datasheet's dense bfloat16 figure for known accelerators; for anything else (CPUs) it is an
+n x n x n matmul measured on the spot, and the source is reported next to the number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Dense bfloat16 peak of one chip, FLOP/s, by a substring of `device.device_kind`; first match wins.
+DATASHEET_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("V100", 125e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v6", 918e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    flops_per_second: float  # of one chip (one host for CPUs)
+    source: str  # "datasheet" or "measured"
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+    for name, peak in DATASHEET_PEAKS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `run()` (results waited for), after one untimed call that compiles."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: str = "float32", n: int = 1024) -> float:
+    """FLOP/s of an n x n x n matmul on the first device (median of 5 after compiling)."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / median_seconds(lambda: matmul(a), 5)
+
+
+def device_peak(measure_n: int = 1024) -> Peak:
+    """Peak of one chip: the datasheet for known accelerators, else a float32 matmul measured now."""
+    peak = datasheet_peak(jax.devices()[0].device_kind)
+    if peak is not None:
+        return Peak(peak, "datasheet")
+    return Peak(matmul_peak("float32", n=measure_n), "measured")
+
+
+def chips() -> int:
+    """What the peak multiplies by: every device of an accelerator run; one per host on CPU (a host's
+    CPU devices share its cores)."""
+    return jax.device_count() if jax.default_backend() != "cpu" else jax.process_count()
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak (of all chips counted)."""
+    return tokens_per_s * flops_per_token / peak_flops_per_second

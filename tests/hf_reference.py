@@ -2,7 +2,8 @@
 
 Transformers initialises biases to 0 and LayerNorms to (1, 0), which would hide a wrongly
 mapped bias; here every tensor gets its own random values. Imported by the live parity
-tests and by scripts/make_fixtures.py; needs torch and transformers.
+tests and by scripts/make_fixtures.py; needs torch and transformers, except TINY_CONFIGS and
+`random_params` (the same randomisation for a gpt2jax parameter tree), which need neither.
 """
 
 import numpy as np
@@ -55,3 +56,22 @@ def reference_outputs(model, input_ids, attention_mask=None, position_ids=None, 
         result["loss"] = out.loss.detach().numpy()
         result["grads"] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
     return result
+
+
+def random_params(params, seed: int = 0):
+    """A gpt2jax parameter tree like `params` with every leaf random, as `make_reference_model`
+    makes them: LayerNorm scales 1 + 0.1 N(0, 1), everything else (biases too) 0.2 N(0, 1).
+
+    Needs only JAX. Random init (zero biases, unit LayerNorms) would hide a bias or a LayerNorm
+    tensor that an export drops or a conversion mixes up.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+
+    def randomise(path, leaf):
+        noise = rng.standard_normal(leaf.shape)
+        return jnp.asarray(1.0 + 0.1 * noise if path[-1].key == "scale" else 0.2 * noise, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(randomise, params)

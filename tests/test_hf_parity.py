@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flax import serialization, traverse_util  # noqa: E402
-from hf_reference import TINY_CONFIGS, make_reference_model, reference_outputs  # noqa: E402
+from hf_reference import TINY_CONFIGS, make_reference_model, random_params, reference_outputs  # noqa: E402
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from gpt2jax.model import lm_loss  # noqa: E402
@@ -100,7 +100,10 @@ def test_gradients_on_every_parameter(pair):
 
 
 def test_our_export_loads_in_transformers(tmp_path):
-    ours = GPT2LMHeadModel(GPT2Config(**TINY_CONFIGS["odd"]), seed=7)
+    # Every tensor random: transformers fills a missing tensor with its init (zero biases, unit
+    # LayerNorms, warning only), so a fresh init would hide an export that drops them.
+    config = GPT2Config(**TINY_CONFIGS["odd"])
+    ours = GPT2LMHeadModel(config, params=random_params(GPT2LMHeadModel(config).params, seed=7))
     ours.save_pretrained(tmp_path)
     reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     ids, _, _ = batch(ours.config.vocab_size, seed=5)

@@ -9,24 +9,45 @@ import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel
 from gpt2jax.model import dot_product_attention_with_dropout, init_cache, lm_loss
+from hf_reference import TINY_CONFIGS, random_params  # its torch-free part
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# Written by scripts/make_fixtures.py from transformers, every tensor random (tests/hf_reference.py):
+# name -> (HF checkpoint directory, expected outputs).
+CHECKPOINTS = {
+    "gelu": ("tiny_gpt2", "tiny_gpt2_expected.npz"),  # TINY_CONFIGS["odd"]: exact gelu, n_inner, odd sizes
+    "gelu_new": ("tiny_gpt2_gelu_new", "tiny_gpt2_gelu_new_expected.npz"),  # "even": GPT-2's defaults
+}
 REGENERATE = "regenerate with: python scripts/make_fixtures.py (needs the reference extra)"
 SMALL = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+# bfloat16 compute against float32 on the fixture models (weights std 0.2, so attention is peaked,
+# not the near-uniform attention of a fresh init), 4 x n_positions random tokens: measured max
+# |logits difference| 0.087 (gelu), 0.098 (gelu_new), argmax agreement 0.988, 0.969 (over seeds
+# 0-2: at most 0.098, at least 0.969). With the scores scaled by 1/head_dim instead of
+# 1/sqrt(head_dim) in bf16 only, the difference is 1.8-5.9 and agreement 0.40-0.56.
+BF16_LOGITS_ATOL = 0.25
+BF16_MIN_ARGMAX_AGREEMENT = 0.9
 
 
 def relative_error(actual, expected):
     return float(np.max(np.abs(np.asarray(actual) - expected)) / max(np.max(np.abs(expected)), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def expected():
-    return dict(np.load(os.path.join(FIXTURES, "tiny_gpt2_expected.npz")))
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def checkpoint(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny_gpt2"))
+def expected(checkpoint):
+    return dict(np.load(os.path.join(FIXTURES, CHECKPOINTS[checkpoint][1])))
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, CHECKPOINTS[checkpoint][0]))
+    assert model.config.activation_function == checkpoint, REGENERATE
+    return model
 
 
 def test_logits_match_transformers_fixture(tiny, expected):
@@ -50,9 +71,77 @@ def test_grads_match_transformers_fixture(tiny, expected):
 
     grads = GPT2LMHeadModel(tiny.config, params=jax.grad(loss_fn)(tiny.params)).state_dict()
     reference = {k.removeprefix("grad:"): v for k, v in expected.items() if k.startswith("grad:")}
-    assert set(reference) <= set(grads)
+    assert set(reference) <= set(grads) and len(reference) == len(grads) - 1  # all; lm_head.weight is wte
     for name, ref in reference.items():
         assert relative_error(grads[name], ref) <= 1e-4, name
+
+
+def test_greedy_generation_with_eos_matches_transformers_fixture(tiny, expected):
+    """Left-padded prompts of different lengths; an EOS that the rows emit at different steps.
+
+    transformers puts the pad after a row's EOS and stops once every row is done; we do the same
+    but always return prompt + max_new_tokens tokens: compare the common prefix, then the rest is pad.
+    """
+    prompts, eos = expected["generate_prompts"], int(expected["generate_eos_token_id"])
+    pad = int(expected["generate_eos_pad_token_id"])  # not 0, and never emitted: pad slots are unambiguous
+    reference = expected["generate_eos_expected"]
+    P, N, stop = prompts.shape[1], int(expected["generate_max_new_tokens"]), reference.shape[1]
+    first_eos = [int(np.flatnonzero(row == eos)[0]) for row in reference[:, P:]]
+    assert len(set(first_eos)) == len(first_eos), f"the fixture's rows should stop at different steps; {REGENERATE}"
+    out = tiny.generate(prompts, expected["generate_attention_mask"], max_new_tokens=N, eos_token_id=eos,
+                        pad_token_id=pad)
+    assert out.shape == (len(prompts), P + N)
+    np.testing.assert_array_equal(out[:, :stop], reference)
+    assert np.all(out[:, stop:] == pad)
+
+
+def test_bfloat16_logits_close_to_float32_with_peaked_attention(tiny):
+    bf16 = GPT2LMHeadModel(tiny.config.replace(dtype="bfloat16"), params=tiny.params)
+    ids = np.random.default_rng(0).integers(0, tiny.config.vocab_size, (4, tiny.config.n_positions))
+    fp32_logits, bf16_logits = np.asarray(tiny(ids).logits), np.asarray(bf16(ids).logits)
+    assert bf16_logits.dtype == np.float32
+    diff = np.abs(bf16_logits - fp32_logits).max()
+    agreement = np.mean(bf16_logits.argmax(-1) == fp32_logits.argmax(-1))
+    assert diff <= BF16_LOGITS_ATOL and agreement >= BF16_MIN_ARGMAX_AGREEMENT, (diff, agreement)
+
+
+def test_from_pretrained_bfloat16_keeps_float32_params(tiny, checkpoint):
+    bf16 = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, CHECKPOINTS[checkpoint][0]), dtype="bfloat16")
+    assert bf16.config.dtype == "bfloat16" and bf16.config.compute_dtype == jnp.bfloat16
+    assert bf16.config == tiny.config.replace(dtype="bfloat16")
+    assert jax.tree.structure(bf16.params) == jax.tree.structure(tiny.params)
+    for ours, fp32 in zip(jax.tree.leaves(bf16.params), jax.tree.leaves(tiny.params)):
+        assert ours.dtype == jnp.float32
+        np.testing.assert_array_equal(ours, fp32)
+    ids = np.random.default_rng(1).integers(0, tiny.config.vocab_size, (4, tiny.config.n_positions))
+    fp32_logits, bf16_logits = np.asarray(tiny(ids).logits), np.asarray(bf16(ids).logits)
+    assert bf16_logits.dtype == np.float32
+    diff = np.abs(bf16_logits - fp32_logits).max()
+    agreement = np.mean(bf16_logits.argmax(-1) == fp32_logits.argmax(-1))
+    assert 0 < diff <= BF16_LOGITS_ATOL and agreement >= BF16_MIN_ARGMAX_AGREEMENT, (diff, agreement)
+
+
+def test_save_pretrained_writes_every_tensor_of_an_all_random_model(tmp_path):
+    """Random init (zero biases, unit LayerNorms, as transformers' defaults) would hide an export that
+    drops or zeroes biases and LayerNorm tensors; here every tensor is random."""
+    from safetensors.numpy import load_file
+
+    config = GPT2Config(**TINY_CONFIGS["odd"])
+    model = GPT2LMHeadModel(config, params=random_params(GPT2LMHeadModel(config).params, seed=8))
+    model.save_pretrained(tmp_path)
+    saved = load_file(os.fspath(tmp_path / "model.safetensors"))
+    state = model.state_dict()
+    del state["lm_head.weight"]  # tied to transformer.wte.weight, which transformers re-ties on load
+    assert sorted(saved) == sorted(state)
+    for name, value in state.items():
+        assert saved[name].dtype == np.float32, name
+        np.testing.assert_array_equal(saved[name], value, err_msg=name)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert loaded.config == config
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(model.params)
+    for ours, original in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(model.params)):
+        assert ours.dtype == original.dtype
+        np.testing.assert_array_equal(ours, original)
 
 
 def test_causality():

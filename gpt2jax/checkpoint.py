@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -27,6 +28,7 @@ class Checkpoints:
 
     def __init__(self, run_dir: str, keep: int = 3, keep_best: int = 1, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.unreadable: list[int] = []  # steps that failed to restore, newest first
         policies = [checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(checkpoint_managers.BestN(
@@ -77,6 +79,7 @@ class Checkpoints:
             try:
                 restored = restore(step)
             except Exception as e:  # missing or truncated files: report, fall back to the step before
+                self.unreadable.append(step)
                 print(f"gpt2jax: checkpoint step {step} in {self.directory} is unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); trying an older step",
                       file=sys.stderr)
@@ -130,6 +133,22 @@ class Checkpoints:
                               metadata.item_metadata)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
         return self.manager.restore(step, args=args)
+
+    def set_aside_unreadable(self) -> list[str]:
+        """Move the steps that failed to restore out of the way (to checkpoints_unreadable/ beside
+        checkpoints/), so that training can save those steps again; returns where they went."""
+        if not self.unreadable:
+            return []
+        aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+        os.makedirs(aside, exist_ok=True)
+        moved = []
+        for step in self.unreadable:
+            target = os.path.join(aside, f"{step}-{int(time.time())}")
+            os.replace(os.path.join(self.directory, str(step)), target)
+            moved.append(target)
+        self.unreadable = []
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

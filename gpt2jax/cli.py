@@ -1,12 +1,45 @@
 """The `gpt2jax` command: argument parsing only; every command calls into the library.
 
-A `UserError` anywhere becomes one line on stderr and exit status 2.
+A `UserError` anywhere, or an OS error on a user's path (disk full, permissions, a file where a
+directory belongs), becomes one line on stderr and exit status 2; `GPT2JAX_DEBUG=1` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+
+
+def _number(kind: type, low: float, inclusive: bool = True):
+    """An argparse type: a `kind` number >= low (> low when not inclusive)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, non_negative_int, positive_float = _number(int, 1), _number(int, 0), _number(float, 0, False)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line ("gpt2jax sample: error: --top-k must be >= 0, got -1") and exit 2."""
+
+    def error(self, message: str):
+        if message.startswith("argument ") and ": " in message:
+            name, _, reason = message.removeprefix("argument ").partition(": ")
+            message = f"{name.split('/')[-1]} {reason}"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_model_source(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +54,9 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from gpt2jax import __version__
 
-    parser = argparse.ArgumentParser(prog="gpt2jax", description="GPT-2 in JAX/Flax.")
+    parser = Parser(prog="gpt2jax", description="GPT-2 in JAX/Flax.")
     parser.add_argument("--version", action="version", version=f"gpt2jax {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     prepare = commands.add_parser("prepare", help="tokenize an experiment's dataset into token bins")
     prepare.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
@@ -33,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
     train.add_argument("--workdir", required=True, help="run directory, e.g. runs/NAME")
     train.add_argument("--coordinator-address", help="HOST:PORT of process 0, for multi-process runs")
-    train.add_argument("--num-processes", type=int, help="processes in a multi-process run")
-    train.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
+    train.add_argument("--num-processes", type=positive_int, help="processes in a multi-process run")
+    train.add_argument("--process-id", type=non_negative_int, help="this process's index in a multi-process run")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--overwrite", action="store_true", help="discard the run already in --workdir")
     train.add_argument("--fork", metavar="RUN_DIR",
@@ -44,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run or HF model")
     add_model_source(evaluate)
     evaluate.add_argument("--data", help="a text file (default: the run's validation split)")
-    evaluate.add_argument("--block-size", type=int, help="tokens per window (default: the run's block size, or n_positions)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+    evaluate.add_argument("--block-size", type=positive_int, help="tokens per window (default: the run's block size, or n_positions)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8)
+    evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most this many batches")
     evaluate.set_defaults(handler=run_eval)
 
     export = commands.add_parser("export", help="write a run's checkpoint as a Hugging Face GPT-2 directory")
@@ -74,21 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument("--what", nargs="+", default=["forward", "decode", "train"],
                        choices=["forward", "decode", "train"])
-    bench.add_argument("--batch", type=int, default=1, help="sequences per device")
-    bench.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    bench.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated after a 32-token prompt")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--batch", type=positive_int, default=1, help="sequences per device")
+    bench.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
+    bench.add_argument("--new-tokens", type=positive_int, default=128, help="decode: tokens generated after a 32-token prompt")
+    bench.add_argument("--repeats", type=positive_int, default=3)
     bench.set_defaults(handler=run_bench)
 
     sample = commands.add_parser("sample", help="sample text from a model")
     add_model_source(sample)
     sample.add_argument("--prompt", required=True, help="text to continue")
-    sample.add_argument("--max-new-tokens", type=int, default=64)
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int, default=0, help="0: off")
+    sample.add_argument("--max-new-tokens", type=positive_int, default=64)
+    sample.add_argument("--temperature", type=positive_float, default=1.0)
+    sample.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
     sample.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     sample.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--num-samples", type=positive_int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--stream", action="store_true", help="print text as it is generated")
     sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
@@ -97,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from gpt2jax.config import load_config
+    from gpt2jax.experiment import load_config
     from gpt2jax.data import prepare
 
     config = load_config(args.config, args.overrides)
@@ -109,27 +142,25 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from gpt2jax.distributed import initialize
-    from gpt2jax.errors import UserError
-
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
-    from gpt2jax.config import load_config
-    from gpt2jax.trainer import run_training
-
-    from gpt2jax.trainer import Stopped
+    from gpt2jax.errors import Stopped, UserError
 
     if args.overwrite and args.fork:
         raise UserError("--overwrite and --fork exclude each other")
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from gpt2jax.experiment import load_config
+    from gpt2jax.trainer import run_training
+
     config = load_config(args.config, args.overrides)
-    workdir = args.workdir
     try:
-        last = run_training(config, workdir, progress=not args.no_progress, overwrite=args.overwrite,
+        last = run_training(config, args.workdir, progress=not args.no_progress, overwrite=args.overwrite,
                             fork_from=args.fork)
     except Stopped as stopped:
-        resume = " ".join(["gpt2jax", "train", "--config", args.config, "--workdir", workdir, *args.overrides])
-        print(f"gpt2jax train: {stopped}; resume with: {resume}", file=sys.stderr)
+        resume = ["gpt2jax", "train", "--config", args.config, "--workdir", args.workdir,
+                  *(["--no-progress"] if args.no_progress else []), *args.overrides]
+        print(f"gpt2jax train: {stopped}; resume with: {shlex.join(resume)}", file=sys.stderr)
         return 128 + stopped.signum
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "val_loss", "tokens_per_s", "mfu"))
-    print(f"{workdir}: {shown}")
+    print(f"{args.workdir}: {shown}")
     return 0
 
 
@@ -184,13 +215,26 @@ def run_sample(args: argparse.Namespace) -> None:
     )
 
 
+def split_overrides(unknown: list[str]) -> tuple[list[str], list[str]]:
+    """(--config.KEY=VALUE overrides, the rest); `--config.KEY VALUE` is read as `--config.KEY=VALUE`."""
+    overrides, rest, i = [], [], 0
+    while i < len(unknown):
+        arg = unknown[i]
+        if arg.startswith("--config.") and "=" not in arg and i + 1 < len(unknown):
+            overrides.append(f"{arg}={unknown[i + 1]}")
+            i += 2
+            continue
+        (overrides if arg.startswith("--config.") else rest).append(arg)
+        i += 1
+    return overrides, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpt2jax.errors import UserError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    args.overrides = [a for a in unknown if a.startswith("--config.")]
-    rest = [a for a in unknown if not a.startswith("--config.")]
+    args.overrides, rest = split_overrides(unknown)
     if rest or (args.overrides and not hasattr(args, "config")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     if args.command is None:
@@ -198,11 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except UserError as e:
-        print(f"gpt2jax {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if os.environ.get("GPT2JAX_DEBUG"):
+            raise
+        print(f"gpt2jax {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(error: Exception) -> str:
+    """The message of a UserError, or an OS error as "what: path" (disk full, permission denied, ...)."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        return f"{error.strerror}: {paths}" if paths else error.strerror
+    return " ".join(str(error).split("\n")[0].split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ MODEL_SIZES = {
 }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """GPT-2 hyperparameters, named as in `transformers.GPT2Config`.
@@ -73,13 +81,13 @@ class GPT2Config:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `UserError` naming the first inconsistent field."""
+        """Raise `UserError` naming the first inconsistent field (types too: config.json may hold nulls)."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise UserError(f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise UserError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+        if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner <= 0):
             raise UserError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
         if self.activation_function not in ACTIVATIONS:
             raise UserError(
@@ -87,8 +95,14 @@ class GPT2Config:
                 f"use one of {', '.join(ACTIVATIONS)}"
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+            if not _is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"GPT2Config.{name} must be a number in [0, 1), got {getattr(self, name)!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < float("inf"):
+                raise UserError(f"GPT2Config.{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not _is_int(getattr(self, name)):
+                raise UserError(f"GPT2Config.{name} must be an integer token id, got {getattr(self, name)!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(
@@ -125,6 +139,13 @@ class GPT2Config:
 
     def replace(self, **changes: Any) -> GPT2Config:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any], **overrides: Any) -> GPT2Config:
+        """From a dict holding (at least) GPT2Config's fields, e.g. a run's resolved `model` group; other
+        keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in fields.items() if k in names}, **overrides})
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> GPT2Config:

@@ -138,11 +138,16 @@ def _load_sharded(directory: str, index_path: str) -> dict[str, np.ndarray]:
     try:
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{index_path}: not a valid shard index ({e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index_path}: not a valid shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_path}: weight_map must map tensor names to shard file names")
     tensors: dict[str, np.ndarray] = {}
+    inside = os.path.realpath(directory)
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(directory, shard)
+        if os.path.dirname(os.path.realpath(shard_path)) != inside:  # "../x.safetensors", "/abs/path", links out
+            raise UserError(f"{index_path} names {shard!r}, which is not a file in {directory}; refusing to read it")
         if not os.path.isfile(shard_path):
             raise UserError(f"{index_path} lists {shard}, which is missing")
         load = _load_safetensors if shard.endswith(".safetensors") else _load_torch_bin
@@ -170,7 +175,13 @@ def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+        if "weights_only" in str(e) or isinstance(e, getattr(torch.serialization, "pickle").UnpicklingError):
+            raise UserError(f"{path}: holds Python objects besides tensors, and gpt2jax never unpickles those; "
+                            "convert it to model.safetensors where you trust its source") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
     return {name: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for name, t in state.items()}
 
 

@@ -50,6 +50,37 @@ class RunLog:
             self._tb.close()
 
 
+class Progress:
+    """The loop's progress: a tqdm bar on a terminal, else one line per log step (no carriage returns in logs)."""
+
+    def __init__(self, total_steps: int, enabled: bool = True):
+        self.total_steps, self.enabled = total_steps, enabled
+        self._bar = None
+
+    def start(self, step: int) -> None:
+        if self.enabled and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        """At log steps only: between them dispatch runs ahead of the device."""
+        if not self.enabled:
+            return
+        text = f"loss {metrics['loss']:.4f}"
+        if "tokens_per_s" in metrics:
+            text += f", {metrics['tokens_per_s']:,.0f} tok/s, MFU {metrics['mfu']:.1%} of the {metrics['mfu_peak']} peak"
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(text)
+        else:
+            print(f"step {step}/{self.total_steps}: {text}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -57,13 +88,6 @@ def _append_jsonl(path: str, record: dict) -> None:
 
 def _now() -> float:
     return datetime.datetime.now(datetime.timezone.utc).timestamp()
-
-
-def write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def run_info() -> dict[str, Any]:

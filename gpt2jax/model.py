@@ -281,6 +281,13 @@ class GPT2LMHeadModule(nn.Module):
         return self.transformer.logits(h_BxTxD), cache
 
 
+def init_params(config: GPT2Config, seed: int = 0) -> Any:
+    """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
+    module = GPT2LMHeadModule(config)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(lambda key: module.init(key, dummy)["params"])(jax.random.key(seed))
+
+
 def next_token_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     """Mean cross-entropy (float32) of already-shifted targets: logits at t predict targets at t."""
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT))

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import hf, sampling
+from gpt2jax import hf, rundir, sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
-from gpt2jax.model import GPT2LMHeadModule, init_cache, lm_loss, to_decode_layout
+from gpt2jax.model import GPT2LMHeadModule, init_cache, init_params, lm_loss, to_decode_layout
 
 
 @flax.struct.dataclass
@@ -78,13 +78,6 @@ class _Generation:
     rng: jax.Array
 
 
-def init_params(config: GPT2Config, seed: int = 0) -> Any:
-    """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
-    module = GPT2LMHeadModule(config)
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda key: module.init(key, dummy)["params"])(jax.random.key(seed))
-
-
 def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
     """Range-check concrete integer arrays (under tracing there is nothing to check)."""
     if ids is None:
@@ -97,12 +90,6 @@ def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
         raise UserError(f"{name} must have shape (batch, time), got {array.shape}")
     if array.size and (array.min() < 0 or array.max() >= upper):
         raise UserError(f"{name} has values in [{array.min()}, {array.max()}] but {what} is {upper}")
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """A gpt2jax run directory: config.json beside a checkpoints/ directory."""
-    path = os.fspath(path)
-    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "config.json"))
 
 
 class GPT2LMHeadModel:
@@ -138,7 +125,7 @@ class GPT2LMHeadModel:
           step: for run directories: "latest" (default), "best" (lowest val loss) or a step number.
         """
         overrides = {} if dtype is None else {"dtype": dtype}
-        if is_run_dir(name_or_path):
+        if rundir.has_checkpoints(name_or_path):
             return cls._from_run(os.fspath(name_or_path), step, overrides)
         if step is not None:
             raise UserError(f"{name_or_path}: step= applies to run directories only")
@@ -149,9 +136,9 @@ class GPT2LMHeadModel:
     def _from_run(cls, run_dir: str, step: int | str | None, overrides: dict) -> GPT2LMHeadModel:
         from gpt2jax.checkpoint import Checkpoints
 
+        rundir.read_resolved_config(run_dir)  # one clear error for a damaged config.json, before Orbax reads
         params, resolved, step = Checkpoints(run_dir).restore_params(step)
-        fields = {k: v for k, v in resolved["model"].items() if k in GPT2Config.__dataclass_fields__}
-        config = GPT2Config(**{**fields, "dtype": resolved["train"]["compute_dtype"], **overrides})
+        config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"], **overrides)
         model = cls(config, params=jax.tree.map(jnp.asarray, params))
         model.run_step, model.run_config = step, resolved
         return model

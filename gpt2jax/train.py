@@ -1,4 +1,4 @@
-"""Training: TrainState, the pure train and eval steps, pmap wiring, and the loop.
+"""Training: TrainState, the optimizer, the pure train and eval steps, and their pmap placement.
 
 Data parallel with `jax.pmap(axis_name="batch")`: params replicated on every local device,
 each device takes its slice of the batch, gradients are averaged with `lax.pmean`. Gradient
@@ -102,9 +102,11 @@ def train_step(
     if lax.axis_size("batch") > 1:  # on one device the all-reduce would only copy every gradient (~0.2 s at 124M)
         loss, grads = lax.pmean((loss, grads), "batch")
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # param_norm: non-finite parameters must never reach a checkpoint, and the loss shows them a step late
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+                       "lr": schedule(state.step)}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, module: GPT2LMHeadModule) -> jax.Array:

@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +17,9 @@ import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.config import load_config
-from gpt2jax.trainer import run_training
+from gpt2jax.experiment import load_config
+from gpt2jax.errors import Stopped
+from gpt2jax.trainer import StopSignals, run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
@@ -108,29 +112,57 @@ def test_run_dir_load_has_the_trainers_final_params(cache_dir, reference_run, st
     assert abs(loss_on_the_trainers_val_batches(model, cache_dir) - logged) <= 1e-5
 
 
+class SignalAt(StopSignals):
+    """A stop signal that arrives after `step`: the seam the trainer offers in place of real signals."""
+
+    def __init__(self, step, signum):
+        super().__init__()
+        self.at_step, self.signum = step, signum
+
+    def poll(self, step, log_step):
+        return self.signum if step >= self.at_step else super().poll(step, log_step)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_saves_the_step_reached_and_says_how_to_resume(cache_dir, reference_run, tmp_path, signum):
+def test_a_stop_signal_saves_the_step_reached_and_resumes_exactly(cache_dir, reference_run, tmp_path, signum):
     run_dir = str(tmp_path / "preempted")
-    hook = f"""
-import os, signal
-from gpt2jax import trainer
-original = trainer.summarize
-def summarize(host, done, *args):
-    if done == 7:
-        os.kill(os.getpid(), {int(signum)})
-    return original(host, done, *args)
-trainer.summarize = summarize
-"""
-    stopped = run_with_hook(hook, train_command(cache_dir, run_dir))
-    name = signal.Signals(signum).name
-    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
-    assert f"stopped at step 8 by {name}" in stopped.stderr and "resume with: gpt2jax train" in stopped.stderr
+    with pytest.raises(Stopped) as stopped:
+        run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False, stop_signals=SignalAt(8, signum))
+    assert (stopped.value.step, stopped.value.signum) == (8, signum)
     assert Checkpoints(run_dir).all_steps() == [5, 8]
     assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "stopped"
-    resumed = subprocess.run(train_command(cache_dir, run_dir), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and "from step 8" in resumed.stdout
+    run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False)
     after, reference = losses(run_dir), losses(reference_run)
     assert all(abs(after[s] - reference[s]) <= 1e-6 for s in range(1, 21))
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    assert info["status"] == "finished" and len(info["sessions"]) == 2
+
+
+def wait_for_metrics(run_dir, process, timeout=300):
+    """Block until the trainer has logged a step (it is past compiling), or fail if it exits first."""
+    path, start = os.path.join(run_dir, "metrics.jsonl"), time.monotonic()
+    while not (os.path.isfile(path) and os.path.getsize(path) > 0):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_real_signal_stops_the_cli_with_a_checkpoint_and_a_resume_command(cache_dir, tmp_path, signum):
+    run_dir = str(tmp_path / "signalled")
+    extra = ["--config.train.max_steps=100000", "--config.train.sample_prompt=def f(x, y):"]
+    command = train_command(cache_dir, run_dir) + extra
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_metrics(run_dir, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err[-2000:]
+    found = re.search(rf"stopped at step (\d+) by {name}; checkpoint saved; resume with: (.*)", err)
+    assert found and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert Checkpoints(run_dir).latest_step() == int(found.group(1))
+    assert shlex.split(found.group(2)) == ["gpt2jax"] + command[3:]  # quoted: the prompt has spaces
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "stopped"
 
 
 def truncate_step(run_dir, step):
@@ -266,7 +298,8 @@ def test_fine_tuning_from_an_hf_dir_starts_from_its_loss(cache_dir, tmp_path):
 def test_fine_tuning_from_a_run_dir_starts_from_its_latest_params(cache_dir, reference_run, tmp_path):
     """init_from=<run dir>: params of the run's latest checkpoint, a fresh optimizer and step 0."""
     config = smoke(cache_dir, f"--config.init_from={reference_run}", "--config.train.log_every=1",
-                   "--config.train.max_steps=2", "--config.train.sample_every=0", "--config.optim.lr=1e-4")
+                   "--config.train.max_steps=2", "--config.train.sample_every=0", "--config.optim.lr=1e-4",
+                   "--config.optim.min_lr=1e-5")
     run_dir = str(tmp_path / "from_run")
     run_training(config, run_dir, progress=False)
     expected = first_batch_loss(GPT2LMHeadModel.from_pretrained(reference_run), config)
@@ -287,7 +320,7 @@ def test_fine_tuning_reports_shape_mismatches_by_name(cache_dir, tmp_path):
 
 
 def test_fork_overwrite_and_a_second_trainer(cache_dir, reference_run, tmp_path):
-    from gpt2jax.trainer import lock_run_dir
+    from gpt2jax.rundir import lock
 
     with pytest.raises(UserError, match="different config.*--fork NEW_DIR.*--overwrite"):
         run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), reference_run, progress=False)
@@ -300,7 +333,7 @@ def test_fork_overwrite_and_a_second_trainer(cache_dir, reference_run, tmp_path)
     shutil.copytree(reference_run, copy)
     run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), copy, progress=False, overwrite=True)
     assert min(losses(copy)) == 1 and json.load(open(os.path.join(copy, "config.json")))["optim"]["lr"] == 1e-3
-    held = lock_run_dir(copy)
+    held = lock(copy)
     try:
         with pytest.raises(UserError, match=f"in use by another trainer \\(pid {os.getpid()}\\)"):
             run_training(smoke(cache_dir, *STEP_LOGGING, "--config.optim.lr=1e-3"), copy, progress=False)

@@ -86,7 +86,7 @@ def test_sample_dtype_computes_in_that_dtype(tmp_path):
         (["--prompt", "x", "--max-new-tokens", "100"], "exceeds n_positions=96"),
         (["--prompt", ""], "the prompt is empty"),
         (["--prompt", "x", "--temperature", "0"], "temperature must be > 0"),
-        (["--prompt", "x", "--top-k", "-1"], "top_k must be"),
+        (["--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
         (["--prompt", "x", "--top-p", "2"], "top_p must be in"),
         (["--prompt", "x", "--num-samples", "0"], "num-samples must be >= 1"),
     ],

@@ -95,6 +95,43 @@ def test_invalid_config_json(checkpoint):
         GPT2LMHeadModel.from_pretrained(checkpoint)
 
 
+def test_null_in_config_json_is_one_error(checkpoint):
+    edit_config(checkpoint, resid_pdrop=None)
+    with pytest.raises(UserError, match="resid_pdrop must be a number"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_pickle_with_code_is_refused_in_one_line(checkpoint, tmp_path):
+    torch = pytest.importorskip("torch")
+    os.remove(checkpoint / "model.safetensors")
+    marker = tmp_path / "executed"
+    torch.save({"weight": torch.zeros(2), "payload": Exploit(str(marker))}, checkpoint / "pytorch_model.bin")
+    with pytest.raises(UserError) as info:
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+    message = str(info.value)
+    assert "never unpickles" in message and "\n" not in message and "weights_only=False" not in message
+    assert not marker.exists()
+
+
+class Exploit:
+    """Unpickling this runs code (it would create `path`)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd"])
+def test_shard_index_cannot_name_files_outside_the_directory(checkpoint, shard):
+    (checkpoint.parent / "outside.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    os.remove(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"transformer.wte.weight": shard}}))
+    with pytest.raises(UserError, match="not a file in"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
 def test_pytorch_bin_without_torch(checkpoint, monkeypatch):
     os.remove(checkpoint / "model.safetensors")
     (checkpoint / "pytorch_model.bin").write_bytes(b"not read")
@@ -136,6 +173,10 @@ def test_bad_model_inputs(kwargs, message):
         (dict(dtype="fp8"), "not a known dtype"),
         (dict(n_layer=0), "positive integer"),
         (dict(attn_pdrop=1.0), r"in \[0, 1\)"),
+        (dict(resid_pdrop=None), r"resid_pdrop must be a number in \[0, 1\), got None"),
+        (dict(n_layer=True), "n_layer must be a positive integer, got True"),
+        (dict(layer_norm_epsilon="1e-5"), "layer_norm_epsilon must be a positive number"),
+        (dict(eos_token_id=None), "eos_token_id must be an integer token id"),
     ],
 )
 def test_config_validation(fields, message):

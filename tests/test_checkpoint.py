@@ -191,6 +191,64 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(cache_dir, refer
     assert all(abs(losses(run_dir)[s] - losses(reference_run)[s]) <= 1e-6 for s in range(16, 21))
 
 
+@pytest.mark.parametrize("damage", ["data item removed", "state truncated"])
+def test_a_damaged_latest_checkpoint_resumes_and_finishes_like_an_undamaged_run(cache_dir, reference_run, tmp_path,
+                                                                                 damage):
+    """Resume falls back to step 15, sets step 20 aside, saves 20 again; metrics hold each step once."""
+    run_dir = str(tmp_path / "damaged")
+    shutil.copytree(reference_run, run_dir)
+    if damage == "data item removed":
+        shutil.rmtree(os.path.join(run_dir, "checkpoints", "20", "data"))
+    else:
+        truncate_step(run_dir, 20)
+    for attempt in range(2):  # and again: a finished run stays finished
+        run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
+    assert steps == list(range(1, 21))
+    assert all(abs(losses(run_dir)[s] - losses(reference_run)[s]) <= 1e-6 for s in range(1, 21))
+    assert Checkpoints(run_dir).latest_step() == 20 and GPT2LMHeadModel.from_pretrained(run_dir).run_step == 20
+    assert len(os.listdir(os.path.join(run_dir, "checkpoints_unreadable"))) == 1
+
+
+def test_a_partial_metrics_line_is_repaired_on_resume(cache_dir, reference_run, tmp_path):
+    """A killed writer left half a line, and records past the checkpoint: both are gone after the resume."""
+    run_dir = str(tmp_path / "partial")
+    shutil.copytree(reference_run, run_dir)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "20"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 21, "split": "tra')
+    run_training(smoke(cache_dir, *STEP_LOGGING), run_dir, progress=False)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]  # every line parses
+    train = [r["step"] for r in records if r["split"] == "train"]
+    assert train == list(range(1, 21)) and [r["step"] for r in records if r["split"] == "val"] == [10, 20]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(cache_dir, tmp_path):
+    workdir = tmp_path / "thesis"
+    (workdir / "sub").mkdir(parents=True)
+    (workdir / "thesis.tex").write_text("x")
+    (workdir / "config.json").write_text('{"not": "an experiment"}')
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    result = subprocess.run(train_command(cache_dir, str(workdir)) + ["--overwrite"], capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a gpt2jax run directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_overwrite_removes_only_what_the_run_wrote(cache_dir, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "notes.md").write_text("my notes")
+    result = subprocess.run(train_command(cache_dir, str(run_dir)) + ["--overwrite", "--config.optim.lr=1e-3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--overwrite removes config.json, run.json, metrics.jsonl" in result.stderr and "keeps notes.md" in result.stderr
+    assert (run_dir / "notes.md").read_text() == "my notes"
+    assert json.load(open(run_dir / "config.json"))["optim"]["lr"] == 1e-3 and min(losses(str(run_dir))) == 1
+
+
 def test_unfinished_write_is_never_a_step(reference_run, tmp_path):
     run_dir = str(tmp_path / "tmpdir")
     shutil.copytree(reference_run, run_dir)

@@ -256,16 +256,31 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(cache_dir, tmp_pa
     assert saved[-1] == int(re.search(r"stopped at step (\d+)", outputs[0]).group(1))
 
 
-def test_non_finite_loss_stops_without_checkpointing_it(cache_dir, tmp_path):
+def test_non_finite_values_are_never_checkpointed_and_the_last_finite_one_survives(cache_dir, tmp_path):
+    """Divergence with a checkpoint every step and only one kept: the survivor is the last finite step."""
+    from gpt2jax import GPT2LMHeadModel
+
     run_dir = str(tmp_path / "diverged")
     config = smoke(cache_dir, "--config.optim.lr=1e12", "--config.optim.grad_clip=0.0", "--config.train.log_every=1",
-                   "--config.train.checkpoint_every=1", "--config.train.sample_every=0")
+                   "--config.train.checkpoint_every=1", "--config.train.sample_every=0",
+                   "--config.train.keep_checkpoints=1", "--config.train.keep_best=0")
     with pytest.raises(UserError, match=r"non-finite .* at step (\d+); stopped without checkpointing") as info:
         run_training(config, run_dir, progress=False)
     bad = int(info.value.args[0].split("step ")[1].split(";")[0])
     steps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")))
-    assert steps and max(steps) < bad
+    assert steps == [bad - 1] and f"latest good checkpoint: {bad - 1}" in info.value.args[0]
+    params = GPT2LMHeadModel.from_pretrained(run_dir).parameters()
+    assert all(np.isfinite(np.asarray(p)).all() for p in params)
     assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "failed"
+
+
+def test_non_finite_parameters_are_caught_even_when_loss_and_gradient_are_finite():
+    from gpt2jax.trainer import first_non_finite
+
+    finite = {"loss": np.array([2.0]), "grad_norm": np.array([1.0]), "param_norm": np.array([10.0])}
+    broken = {"loss": np.array([2.0]), "grad_norm": np.array([1.0]), "param_norm": np.array([np.nan])}
+    assert first_non_finite([finite, finite], done=12) is None
+    assert first_non_finite([finite, broken, finite], done=13) == (12, "parameters after the update")
 
 
 def test_bfloat16_compute_trains_like_float32(smoke_run, cache_dir, tmp_path):

@@ -90,13 +90,13 @@ class Checkpoints:
         raise UserError(f"{self.directory}: no readable checkpoint among steps {sorted(self.all_steps())}")
 
     def best_step(self) -> int | None:
-        """The saved step with the lowest validation loss (train loss when there was no eval)."""
+        """The saved step with the lowest validation loss; the latest when no saved step was evaluated
+        (train losses are not comparable with validation losses, so they never rank)."""
         scored = []
         for step in self.all_steps():
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            loss = meta.get("val_loss") if meta.get("val_loss") is not None else meta.get("loss")
-            if loss is not None:
-                scored.append((loss, step))
+            if isinstance(meta.get("val_loss"), (int, float)):
+                scored.append((meta["val_loss"], step))
         return min(scored)[1] if scored else self.latest_step()
 
     def resolve_step(self, step: int | str | None) -> int:
@@ -127,10 +127,12 @@ class Checkpoints:
 
     def _restore_on_this_host(self, step: int) -> Any:
         """A step's state onto this process's first device, whatever topology wrote it."""
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        from etils import epath
+
+        # The item's own metadata (a Checkpointer would also look for step metadata there, and warn)
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              metadata.item_metadata)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
         return self.manager.restore(step, args=args)
 

@@ -174,7 +174,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from gpt2jax.textgen import export_run
+    from gpt2jax.hf import export_run
 
     step = export_run(args.run, args.step, args.out)
     print(f"wrote {args.out} from {args.run} step {step}")

@@ -198,12 +198,10 @@ class GPT2Config:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write `config.json` into `directory`; return its path."""
+        from gpt2jax.rundir import write_json
+
         path = os.path.join(directory, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_hf_dict())
         return path
 
 

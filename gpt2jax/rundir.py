@@ -98,15 +98,12 @@ def _existing_ancestor(path: str) -> str:
 
 def check_overwrite(workdir: str) -> list[str]:
     """The run entries `--overwrite` will remove; refuses unless `workdir` is proven to be a run."""
-    if not os.path.isdir(workdir):
-        return []
-    present = [name for name in RUN_ENTRIES if os.path.exists(os.path.join(workdir, name))]
-    if not present:
+    if not os.path.isdir(workdir) or not set(os.listdir(workdir)) - {".lock"}:
         return []
     if not is_run(workdir):
         raise UserError(f"--overwrite: {workdir} is not a gpt2jax run directory (no readable experiment config.json "
-                        "beside run.json or checkpoints/); nothing was removed")
-    return present
+                        "beside run.json or checkpoints/); nothing was written or removed")
+    return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(workdir, name))]
 
 
 def remove_run_entries(workdir: str, entries: list[str]) -> None:

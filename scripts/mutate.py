@@ -105,9 +105,9 @@ MUTATIONS = [
     M(name="init_from a run dir starts from scratch", file="gpt2jax/trainer.py",
       old="return hf.from_hf_state_dict(hf.to_hf_state_dict(params), model)", new="return init_params(model, 0)",
       tests=["tests/test_checkpoint.py::test_fine_tuning_from_a_run_dir_starts_from_its_latest_params"]),
-    M(name="export writes the latest step", file="gpt2jax/textgen.py",
-      old="model = GPT2LMHeadModel.from_pretrained(run, step=step)",
-      new='model = GPT2LMHeadModel.from_pretrained(run, step="latest")',
+    M(name="export writes the latest step", file="gpt2jax/hf.py",
+      old="params, resolved, found = Checkpoints(run).restore_params(step)",
+      new='params, resolved, found = Checkpoints(run).restore_params("latest")',
       tests=["tests/test_checkpoint.py::test_export_command_writes_the_runs_params"]),
     # Data: formats, dtypes, the sampler's per-process slices, validation windows.
     M(name="data: bins always uint16", file="gpt2jax/data.py", old="dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32", new="dtype = np.uint16", tests=["tests/test_data.py::test_vocab_over_65536_tokens_makes_uint32_bins"]),

@@ -306,10 +306,26 @@ def test_export_command_writes_the_runs_params(cache_dir, reference_run, tmp_pat
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(reference_run, tmp_path):
+    """The file-size limit stands in for a full disk: writes fail with an OS error part way through."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "gpt2jax.cli", "export", "--run", reference_run, "--out", str(out)],
+                            capture_output=True, text=True, preexec_fn=small_files)
+    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # neither the output nor its staging directory
+
+
 def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from gpt2jax.textgen import export_run
+    from gpt2jax.hf import export_run
 
     out = str(tmp_path / "hf")
     assert export_run(reference_run, "best", out) in (15, 20)
@@ -405,6 +421,7 @@ def test_eval_and_sample_from_a_run_on_the_cli(reference_run):
     assert evaluated.returncode == 0 and "val split: loss" in evaluated.stdout and "bits/byte" in evaluated.stdout
     sampled = run("sample", "--run", reference_run, "--step", "best", "--prompt", "def ", "--max-new-tokens", "8")
     assert sampled.returncode == 0 and sampled.stdout.startswith("def ")
+    assert "WARNING" not in evaluated.stderr + sampled.stderr  # e.g. absl's "Metadata file does not exist"
     missing = run("sample", "--run", reference_run, "--step", "3", "--prompt", "x")
     assert missing.returncode == 2 and "no checkpoint at step 3" in missing.stderr
 

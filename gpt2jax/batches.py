@@ -3,6 +3,9 @@
 The batch for step s is a pure function of (seed, s, process index, process count): random
 windows of block_size + 1 tokens (nanoGPT style), each process reading only its slice,
 shaped (local devices, per-device batch, T) for pmap.
+
+Legend: N global batch (sequences), L local devices, B per-device batch, T block size,
+W = T + 1 tokens per window (inputs and the targets shifted by one).
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ def validation_batches(
 
 
 def windows_to_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, local_device_count: int) -> dict:
-    windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
-    windows = windows.reshape(local_device_count, -1, block_size + 1)
-    return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
+    """{"inputs", "targets"}: (L, B, T) int32 from the windows starting at `starts`, split over L devices."""
+    windows_NxW = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
+    windows_LxBxW = windows_NxW.reshape(local_device_count, -1, block_size + 1)
+    return {"inputs": windows_LxBxW[..., :-1], "targets": windows_LxBxW[..., 1:]}
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:

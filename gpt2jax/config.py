@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
@@ -24,7 +25,16 @@ from ml_collections import config_dict
 from gpt2jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "tanh")
+# The MLP nonlinearities, by Hugging Face's names; gelu_new (GPT-2's) is the tanh approximation.
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
 
 # Hugging Face GPT-2 options whose non-default values change the math; we reject them
 # rather than silently computing something else.

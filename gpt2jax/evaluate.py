@@ -1,4 +1,7 @@
-"""Loss, perplexity and bits per byte of a model on a run's validation split or a text file."""
+"""Loss, perplexity and bits per byte of a model on a run's validation split or a text file.
+
+Legend: N windows, B windows per batch, T block size, W = T + 1 tokens per window.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +41,9 @@ def evaluate_tokens(
     loss_fn = jax.jit(lambda params, x, y: next_token_loss(model.module.apply({"params": params}, x)[0], y))
     total = 0.0
     for i in range(0, windows, batch_size):
-        rows = starts[i : i + batch_size, None] + np.arange(block_size + 1)
-        batch = used[rows]
-        total += float(loss_fn(model.params, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))) * len(rows)
+        batch_BxW = used[starts[i : i + batch_size, None] + np.arange(block_size + 1)]
+        loss = loss_fn(model.params, jnp.asarray(batch_BxW[:, :-1]), jnp.asarray(batch_BxW[:, 1:]))
+        total += float(loss) * len(batch_BxW)
     loss = total / windows
     targets = used[1:]
     byte_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(model.config.vocab_size)])

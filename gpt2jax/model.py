@@ -20,17 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gpt2jax.config import GPT2Config
+from gpt2jax.config import ACTIVATIONS, GPT2Config
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 IGNORE_INDEX = -100  # label value that the loss skips, as in PyTorch / Hugging Face
 
@@ -154,7 +145,7 @@ class Attention(nn.Module):
             )
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None])
-        y_BxTxD = Linear(cfg, D, True, self.transposed_kernels, name="c_proj")(out_BxTxHxK.reshape(B, T, D))
+        y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(out_BxTxHxK.reshape(B, T, D))
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train), cache
 
 
@@ -167,7 +158,7 @@ class MLP(nn.Module):
         cfg = self.config
         fc_BxTxF = Linear(cfg, cfg.inner_dim, transposed=self.transposed_kernels, name="c_fc")(x_BxTxD)
         h_BxTxF = ACTIVATIONS[cfg.activation_function](fc_BxTxF)
-        y_BxTxD = Linear(cfg, cfg.n_embd, True, self.transposed_kernels, name="c_proj")(h_BxTxF)
+        y_BxTxD = Linear(cfg, cfg.n_embd, residual=True, transposed=self.transposed_kernels, name="c_proj")(h_BxTxF)
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train)
 
 

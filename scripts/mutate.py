@@ -51,7 +51,7 @@ MUTATIONS = [
       "(max(n_bytes, 1) * math.log(2))", "(max(n_bytes, 1) * math.log(10))",
       ["tests/test_evaluate.py"]),
     # The model, its fixtures and HF files.
-    M(name="gelu_new computed as exact gelu", file="gpt2jax/model.py",
+    M(name="gelu_new computed as exact gelu", file="gpt2jax/config.py",
       old='"gelu_new": lambda x: jax.nn.gelu(x, approximate=True),',
       new='"gelu_new": lambda x: jax.nn.gelu(x, approximate=False),',
       tests=["tests/test_model.py::test_logits_match_transformers_fixture[gelu_new]",

@@ -183,3 +183,168 @@ def test_bucket_length():
 def test_bad_generate_arguments(model, kwargs, message):
     with pytest.raises(UserError, match=message):
         model.generate(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The sampling rules against slow references: the logits each rule hands to the categorical draw.
+
+
+def filtered_logits(monkeypatch, logits_BxV, rules, temperature=1.0, top_p=1.0):
+    """The logits `choose_tokens` draws from (after temperature, top-k, top-p), caught at the draw."""
+    seen = []
+
+    def categorical(key, logits, axis=-1):
+        seen.append(np.asarray(logits))
+        return jnp.argmax(logits, axis=axis)
+
+    monkeypatch.setattr(jax.random, "categorical", categorical)
+    sampling.choose_tokens(jnp.asarray(logits_BxV, jnp.float32), jax.random.key(0), rules, jnp.float32(temperature),
+                           jnp.float32(top_p))
+    monkeypatch.undo()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def hf_processed(logits_BxV, temperature, top_k, top_p):
+    """Hugging Face's warpers in generate()'s order: temperature, then top-k, then top-p."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    scores = torch.as_tensor(np.asarray(logits_BxV, np.float32))
+    return warpers(torch.zeros((scores.shape[0], 1), dtype=torch.long), scores).numpy()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 0.8), (1.8, 0, 0.6), (1.5, 12, 0.5), (0.6, 8, 0.9),
+                                                      (2.5, 5, 1.0), (1.3, 0, 1.0)])
+def test_rules_equal_transformers_warpers(monkeypatch, temperature, top_k, top_p):
+    """Which tokens survive, and their logits, equal transformers' TemperatureLogitsWarper ->
+    TopKLogitsWarper -> TopPLogitsWarper on random rows (no ties, so HF's sort order does not matter)."""
+    scales = np.array([[0.5], [1], [2], [3], [4], [6]], np.float32)
+    logits = np.random.default_rng(5).normal(size=(6, 40)).astype(np.float32) * scales
+    expected = hf_processed(logits, temperature, top_k, top_p)
+    rules = sampling.SamplingRules(do_sample=True, top_k=top_k, use_top_p=top_p < 1.0)
+    ours = filtered_logits(monkeypatch, logits, rules, temperature, top_p)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(expected))
+    kept = ~np.isneginf(expected)
+    assert kept.sum(axis=1).min() >= 1  # and the filters do remove tokens, in most rows:
+    assert (~kept).any(axis=1).sum() >= (4 if top_k or top_p < 1 else 0)
+    np.testing.assert_allclose(ours[kept], expected[kept], rtol=1e-6)
+
+
+def test_order_temperature_then_top_k_then_top_p(monkeypatch):
+    """Cases where any other order of the rules keeps a different set (hand-computed; transformers agrees).
+
+    Row 1 is p = [.5, .3, .1, .06, .04]. top-k 2 then top-p .6: {0} (.625 of the two survivors reaches .6);
+    top-p first would keep {0, 1}. Temperature 3 then top-p .7: p^(1/3) renormalised is
+    [.30, .25, .17, .15, .13], so {0, 1, 2}; top-p before the temperature would keep {0, 1}."""
+    logits = np.log(np.array([[0.35, 0.25, 0.2, 0.12, 0.08], [0.5, 0.3, 0.1, 0.06, 0.04]], np.float32))
+    cases = [  # temperature, top_k, top_p, the kept tokens of each row
+        (1.0, 2, 0.6, [{0, 1}, {0}]),
+        (3.0, 0, 0.7, [{0, 1, 2, 3}, {0, 1, 2}]),
+        (0.3, 0, 0.7, [{0, 1}, {0}]),
+        (3.0, 3, 0.7, [{0, 1, 2}, {0, 1}]),
+    ]
+    for temperature, top_k, top_p, kept in cases:
+        rules = sampling.SamplingRules(do_sample=True, top_k=top_k, use_top_p=True)
+        ours = filtered_logits(monkeypatch, logits, rules, temperature, top_p)
+        assert [set(np.flatnonzero(~np.isneginf(row)).tolist()) for row in ours] == kept, (temperature, top_k, top_p)
+
+
+def test_top_k_keeps_ties_with_the_kth(monkeypatch):
+    """As transformers' TopKLogitsWarper: every logit >= the k-th largest survives, so ties can keep more than k."""
+    logits = np.array([[3.0, 2.0, 2.0, 2.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 5.0, 1.0, 5.0, 2.0, 4.0]])
+    for k, kept in [(2, [{0, 1, 2, 3}, {0, 1, 2, 3, 4, 5}, {1, 3}]), (3, [{0, 1, 2, 3}, {0, 1, 2, 3, 4, 5}, {1, 3, 5}]),
+                    (1, [{0}, {0, 1, 2, 3, 4, 5}, {1, 3}])]:
+        ours = filtered_logits(monkeypatch, logits, sampling.SamplingRules(do_sample=True, top_k=k))
+        assert [set(np.flatnonzero(~np.isneginf(row)).tolist()) for row in ours] == kept, k
+        reference = np.where(logits >= np.sort(logits, axis=1)[:, ::-1][:, k - 1 : k], logits, -np.inf)
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_top_p_boundary_mass_that_exactly_reaches_top_p(monkeypatch):
+    """Dyadic probabilities, exact in float32: the kept set is the smallest whose mass reaches top_p, so at
+    top_p = .75 = .5 + .25 exactly two tokens stay (transformers: cumulative mass <= 1 - top_p is removed)."""
+    probs = np.array([0.0625, 0.5, 0.125, 0.25, 0.0625])
+    logits = np.log(probs)[None].astype(np.float32)
+    assert np.array_equal(np.asarray(jax.nn.softmax(jnp.asarray(logits)), np.float64), probs[None]), "not exact here"
+    rules = sampling.SamplingRules(do_sample=True, use_top_p=True)
+    for top_p, kept in [(0.5, {1}), (np.nextafter(np.float32(0.5), np.float32(0)), {1}), (0.75, {1, 3}),
+                        (np.nextafter(np.float32(0.75), np.float32(1)), {1, 2, 3}), (0.875, {1, 2, 3})]:
+        ours = filtered_logits(monkeypatch, logits, rules, top_p=top_p)
+        assert set(np.flatnonzero(~np.isneginf(ours[0])).tolist()) == kept, top_p
+
+
+def test_greedy_is_argmax_over_the_whole_vocabulary():
+    logits = np.random.default_rng(0).normal(size=(5, 33)).astype(np.float32)
+    logits[0, -1] = logits[1, 0] = logits[2, 16] = 10.0  # maxima at the last, the first and a middle id
+    logits[3] = -np.arange(33)[::-1]  # increasing: the last id
+    tokens = sampling.choose_tokens(jnp.asarray(logits), jax.random.key(0), sampling.SamplingRules(), jnp.float32(0.5),
+                                    jnp.float32(0.5))
+    assert tokens.dtype == jnp.int32
+    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+    assert tokens[:4].tolist() == [32, 0, 16, 32]
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformDecoder:
+    """Fake model: equal logits for every token, so each draw depends on its step's key alone."""
+
+    vocab_size: int = 1000
+
+    def init_cache(self, batch_size, length):
+        return jnp.zeros((), jnp.int32)
+
+    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
+        return jnp.zeros((tokens_BxT.shape[0], self.vocab_size)), cache + 1
+
+
+def test_step_s_draws_with_fold_in_of_the_key_and_s():
+    """The documented key schedule: step s samples with fold_in(rng, s), on every row of the batch."""
+    rng, steps = jax.random.key(11), 6
+    prompts = jnp.array([[1, 2], [3, 4], [5, 6]])
+    values = dict(GREEDY, eos_token_id=jnp.int32(-1))
+    out = np.asarray(sampling.generate_tokens(UniformDecoder(), None, prompts, jnp.ones_like(prompts), steps,
+                                              sampling.SamplingRules(do_sample=True), rng=rng, **values))
+    uniform = jnp.zeros((3, 1000))
+    expected = np.stack([jax.random.categorical(jax.random.fold_in(rng, s), uniform, axis=-1) for s in range(steps)], 1)
+    np.testing.assert_array_equal(out[:, 2:], expected)
+    assert len(set(out[0, 2:].tolist())) == steps  # a fresh key every step: no repeats among 1000 tokens
+
+
+def test_pad_value_after_eos_and_after_the_loop_stops():
+    """With a pad id that differs from the buffer's initial zeros, every slot after a row's EOS holds pad,
+    including the slots the loop never reached (it stops once every row is done)."""
+    decoder, prompts = CountingDecoder(), jnp.array([[0, 5], [0, 1]])
+    values = dict(GREEDY, eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(-7))
+    out = np.asarray(sampling.generate_tokens(decoder, None, prompts, jnp.ones_like(prompts), 12,
+                                              sampling.SamplingRules(), rng=jax.random.key(0), **values))
+    assert out[0].tolist() == [0, 5, 6, 7, 8] + [-7] * 9
+    assert out[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8] + [-7] * 5
+
+
+def test_left_padded_batch_equals_greedy_by_full_recomputation(model):
+    """Rows of different lengths, left-padded in one batch: each continues exactly as the slow reference does,
+    the argmax of a full forward pass over the row alone (positions 0..t, no cache), one token at a time.
+    Position embeddings scaled up from the N(0, 0.02) init, so that a wrong position id changes the argmax."""
+    params = jax.tree_util.tree_map_with_path(lambda path, p: p * 50 if "wpe" in jax.tree_util.keystr(path) else p,
+                                              model.params)
+    scaled = GPT2LMHeadModel(SMALL, params=params)
+    rows, new = [[7, 8, 9], [1, 2, 3, 4, 5, 6, 7], [42], [3, 1, 4, 1, 5]], 6
+    width = max(map(len, rows))
+    prompts = np.array([[0] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = scaled.generate(prompts, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0)
+    for i, row in enumerate(rows):
+        tokens = list(row)
+        for _ in range(new):  # right-padded to one width: a single compile, and causality ignores the padding
+            padded = np.array([tokens + [0] * (width + new - len(tokens))])
+            tokens.append(int(np.argmax(np.asarray(scaled(padded).logits)[0, len(tokens) - 1])))
+        assert out[i, width:].tolist() == tokens[len(row):], i

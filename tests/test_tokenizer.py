@@ -174,3 +174,63 @@ def test_tokenizer_json_that_is_not_byte_level_bpe(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}, "pre_tokenizer": None}))
     with pytest.raises(UserError, match="not a GPT-2-style byte-level BPE"):
         GPT2Tokenizer.from_pretrained(tmp_path)
+
+
+def test_every_token_has_tiktoken_bytes(gpt2, tiktoken_gpt2):
+    """token_bytes (what decode joins) of all 50257 ids, and decode of one id, against tiktoken's own tables."""
+    assert [gpt2.token_bytes(i) for i in range(len(gpt2))] == [
+        tiktoken_gpt2.decode_single_token_bytes(i) for i in range(tiktoken_gpt2.n_vocab)]
+    assert gpt2.decode([0]) == "!" and gpt2.decode([50256]) == "<|endoftext|>"
+    assert gpt2.token_bytes(-1) == gpt2.token_bytes(50257) == b""
+
+
+def test_decode_of_split_characters_matches_transformers(tmp_path, gpt2):
+    """A multi-byte character split over tokens decodes to U+FFFD per piece, as transformers' decode does."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2TokenizerFast.from_pretrained(copy_gpt2_files(tmp_path / "tok"))
+    text = "emoji 🤗🚀 日本語のテキスト Ελληνικά"
+    ids = gpt2.encode(text)
+    pieces = [[i] for i in ids] + [ids[k:k + 3] for k in range(len(ids))]
+    assert any("\ufffd" in gpt2.decode(p) for p in pieces), "no split character: the test would be vacuous"
+    for piece in pieces:
+        assert gpt2.decode(piece) == reference.decode(piece), piece
+    assert gpt2.batch_decode([ids[:1], ids]) == [reference.decode(ids[:1]), text]
+
+
+def test_byte_tokenizer_decodes_every_byte():
+    tok = ByteTokenizer()
+    assert [tok.token_bytes(i) for i in range(256)] == [bytes([i]) for i in range(256)]
+    assert tok.token_bytes(256) == b"<|endoftext|>" and tok.token_bytes(257) == b""
+    assert tok.decode(list(range(256))) == bytes(range(256)).decode("utf-8", errors="replace")
+    assert tok.decode([0xC3, 0xA9, 256, 0xFF]) == "é<|endoftext|>\ufffd"
+    assert tok.encode("<|endoftext|>a<|endoftext|><|endoftext|>") == [256, 97, 256, 256]
+
+
+def test_padding_uses_pad_token_id_and_masks_on_the_padded_side():
+    """A pad id that differs from EOS; right and left padding, and the tokenizer's own padding_side default."""
+    tok = ByteTokenizer()
+    tok.pad_token_id = 0
+    texts = ["hi", "hello!<|endoftext|>"]
+    short, long = tok.encode(texts[0]), tok.encode(texts[1])
+    n = len(long) - len(short)
+    right = tok(texts, padding=True)
+    assert right["input_ids"].tolist() == [short + [0] * n, long]
+    assert right["attention_mask"].tolist() == [[1] * len(short) + [0] * n, [1] * len(long)]
+    left = tok(texts, padding="max_length", max_length=len(long) + 2, padding_side="left")
+    assert left["input_ids"].tolist() == [[0] * (n + 2) + short, [0, 0] + long]
+    assert left["attention_mask"].tolist() == [[0] * (n + 2) + [1] * len(short), [0, 0] + [1] * len(long)]
+    tok.padding_side = "left"  # as transformers users set it for generation
+    assert tok(texts, padding=True)["input_ids"].tolist() == [[0] * n + short, long]
+    assert tok(texts, padding=True, padding_side="right")["input_ids"].tolist() == [short + [0] * n, long]
+    lists = tok(texts, padding=True, return_tensors=None)
+    assert lists["attention_mask"] == [[0] * n + [1] * len(short), [1] * len(long)]
+
+
+def test_skip_special_tokens_drops_eos_and_pad_in_decode_and_batch_decode():
+    tok = ByteTokenizer()
+    tok.pad_token_id = 0
+    batch = tok(["hi", "hello!<|endoftext|>"], padding=True, padding_side="left")["input_ids"]
+    assert tok.batch_decode(batch, skip_special_tokens=True) == ["hi", "hello!"]
+    assert tok.batch_decode(batch) == ["\x00" * 5 + "hi", "hello!<|endoftext|>"]
+    assert tok.decode(batch[1], skip_special_tokens=True) == "hello!"
+    assert tok.decode(np.array([[104, 256], [0, 105]]), skip_special_tokens=True) == "hi"

@@ -9,6 +9,7 @@ line overrides keys with `--config.GROUP.KEY=VALUE`.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import glob
@@ -25,6 +26,7 @@ from ml_collections import config_dict
 from gpt2jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MATMUL_PRECISIONS = (None, "default", "high", "highest")
 # The MLP nonlinearities, by Hugging Face's names; gelu_new (GPT-2's) is the tanh approximation.
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -86,6 +88,9 @@ class GPT2Config:
     eos_token_id: int = 50256  # <|endoftext|>
     dtype: str = "float32"  # compute dtype: float32, or bfloat16 on GPU/TPU
     param_dtype: str = "float32"  # storage dtype of the parameters
+    # matmul precision: None means "highest" for float32 compute (GPUs and TPUs otherwise round float32
+    # matmuls to tf32 / bf16 passes: 4e-3 logit error measured on an H200) and XLA's default for bfloat16
+    matmul_precision: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,11 +118,19 @@ class GPT2Config:
         for name in ("bos_token_id", "eos_token_id"):
             if not _is_int(getattr(self, name)):
                 raise UserError(f"GPT2Config.{name} must be an integer token id, got {getattr(self, name)!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise UserError(f"GPT2Config.matmul_precision={self.matmul_precision!r} is not one of "
+                            f"{', '.join(map(repr, MATMUL_PRECISIONS))}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(
                     f"GPT2Config.{name}={getattr(self, name)!r} is not a known dtype; use one of {', '.join(DTYPES)}"
                 )
+
+    def matmul_precision_context(self) -> Any:
+        """The context in which this model's matmuls are traced (see `matmul_precision`)."""
+        precision = self.matmul_precision or ("highest" if self.dtype == "float32" else None)
+        return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
     @property
     def inner_dim(self) -> int:
@@ -168,6 +181,7 @@ class GPT2Config:
         """The fields of a Hugging Face GPT-2 `config.json`."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("param_dtype")
+        fields.pop("matmul_precision")
         compute_dtype = fields.pop("dtype")
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -175,7 +189,8 @@ class GPT2Config:
             **fields,
             **_UNSUPPORTED_HF_OPTIONS,
             "dtype": self.param_dtype,  # transformers' name for the dtype of the stored weights
-            "gpt2jax": {"dtype": compute_dtype, "param_dtype": self.param_dtype},
+            "gpt2jax": {"dtype": compute_dtype, "param_dtype": self.param_dtype,
+                        "matmul_precision": self.matmul_precision},
         }
 
     @classmethod
@@ -187,9 +202,11 @@ class GPT2Config:
         for key, default in _UNSUPPORTED_HF_OPTIONS.items():
             if key in data and data[key] != default:
                 raise UserError(f"config.json sets {key}={data[key]!r}; gpt2jax supports only {key}={default!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        jax_fields = ("dtype", "param_dtype", "matmul_precision")
+        names = {f.name for f in dataclasses.fields(cls)} - set(jax_fields)
         fields = {k: v for k, v in data.items() if k in names}
-        fields.update({k: v for k, v in data.get("gpt2jax", {}).items() if k in ("dtype", "param_dtype")})
+        gpt2jax = data.get("gpt2jax") if isinstance(data.get("gpt2jax"), dict) else {}
+        fields.update({k: v for k, v in gpt2jax.items() if k in jax_fields})
         fields.update(overrides)
         return cls(**fields)
 

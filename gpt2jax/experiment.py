@@ -221,7 +221,8 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int) ->
 def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, Any]:
     """The config as it runs (a run's config.json): model sizes and vocab filled in, decay_steps explicit."""
     resolved = json.loads(config.to_json())
-    resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in ("dtype", "param_dtype")})
+    jax_only = ("dtype", "param_dtype", "matmul_precision")  # the train group says how it computes
+    resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in jax_only})
     resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
     return resolved
 

@@ -116,12 +116,13 @@ class Attention(nn.Module):
     def __call__(
         self,
         x_BxTxD: jax.Array,
-        mask_BxTxS: jax.Array,
+        mask_BxTxS: jax.Array | None,
         *,
         train: bool,
         cache: KVCache | None = None,
         cache_index: Any = None,
     ) -> tuple[jax.Array, KVCache | None]:
+        """`mask_BxTxS` None: plain causal attention over the T inputs (no padding, no cache)."""
         cfg = self.config
         B, T, D = x_BxTxD.shape
         qkv_BxTx3D = Linear(cfg, 3 * D, transposed=self.transposed_kernels, name="c_attn")(x_BxTxD)
@@ -139,10 +140,14 @@ class Attention(nn.Module):
             cache = KVCache(k_BxSxHxK, v_BxSxHxK)
         k_BxSxHxK, v_BxSxHxK = k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype)
 
-        if train and cfg.attn_pdrop > 0.0:
+        if train and cfg.attn_pdrop > 0.0:  # materialises (B, H, T, S) probabilities to drop some
+            if mask_BxTxS is None:
+                mask_BxTxS = attention_mask_BxTxS(jnp.ones((B, T), bool), T)
             out_BxTxHxK = dot_product_attention_with_dropout(
                 q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, cfg.attn_pdrop, self.make_rng("dropout")
             )
+        elif mask_BxTxS is None:  # nothing padded: causal, and cuDNN flash attention on GPUs in bf16 / fp16
+            out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None])
         y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(out_BxTxHxK.reshape(B, T, D))
@@ -172,7 +177,7 @@ class Block(nn.Module):
     def __call__(
         self,
         x_BxTxD: jax.Array,
-        mask_BxTxS: jax.Array,
+        mask_BxTxS: jax.Array | None,
         *,
         train: bool,
         cache: KVCache | None = None,
@@ -210,27 +215,33 @@ class GPT2Model(nn.Module):
         self,
         input_ids_BxT: jax.Array,
         position_ids_BxT: jax.Array,
-        attention_mask_BxS: jax.Array,
+        attention_mask_BxS: jax.Array | None,
         *,
         train: bool,
         cache: Sequence[KVCache] | None = None,
         cache_index: Any = None,
     ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
+        """`attention_mask_BxS` None (only without a cache): no padding, so the causal fast path."""
         T = input_ids_BxT.shape[1]
-        mask_BxTxS = attention_mask_BxTxS(attention_mask_BxS, T, 0 if cache is None else cache_index)
-        x_BxTxD = self.wte(input_ids_BxT) + self.wpe(position_ids_BxT)
-        x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
-        new_cache = []
-        for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else cache[i]
-            x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=layer_cache, cache_index=cache_index)
-            new_cache.append(layer_cache)
-        return self.ln_f(x_BxTxD), None if cache is None else tuple(new_cache)
+        mask_BxTxS = None
+        if attention_mask_BxS is not None:
+            mask_BxTxS = attention_mask_BxTxS(attention_mask_BxS, T, 0 if cache is None else cache_index)
+        with self.config.matmul_precision_context():
+            x_BxTxD = self.wte(input_ids_BxT) + self.wpe(position_ids_BxT)
+            x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
+            new_cache = []
+            for i, block in enumerate(self.h):
+                layer_cache = None if cache is None else cache[i]
+                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=layer_cache,
+                                             cache_index=cache_index)
+                new_cache.append(layer_cache)
+            return self.ln_f(x_BxTxD), None if cache is None else tuple(new_cache)
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """The tied LM head: h @ wte.T, accumulated and returned in float32."""
         wte_VxD = self.wte.embedding.astype(self.config.compute_dtype)
-        return jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD, preferred_element_type=jnp.float32)
+        with self.config.matmul_precision_context():
+            return jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD, preferred_element_type=jnp.float32)
 
 
 class GPT2LMHeadModule(nn.Module):
@@ -260,9 +271,8 @@ class GPT2LMHeadModule(nn.Module):
         B, T = input_ids_BxT.shape
         if cache is not None and cache_index is None:
             raise ValueError("cache_index is required with a cache")
-        if attention_mask_BxS is None:
-            S = T if cache is None else cache[0].key_BxSxHxK.shape[1]
-            attention_mask_BxS = jnp.ones((B, S), jnp.int32)
+        if attention_mask_BxS is None and cache is not None:
+            attention_mask_BxS = jnp.ones((B, cache[0].key_BxSxHxK.shape[1]), jnp.int32)
         if position_ids_BxT is None:
             offset = 0 if cache is None else cache_index
             position_ids_BxT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))

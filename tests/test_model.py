@@ -248,3 +248,51 @@ def test_num_parameters_and_state_dict_names():
     assert state["transformer.h.1.attn.c_attn.weight"].shape == (D, 3 * D)
     np.testing.assert_array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
     assert len(model.parameters()) == len(state) - 1
+
+
+def test_causal_fast_path_equals_the_masked_path_forward_and_gradients():
+    """No attention_mask: jax.nn.dot_product_attention(is_causal=True); an all-ones mask: the masked path."""
+    from gpt2jax.model import next_token_loss
+
+    model = GPT2LMHeadModel(SMALL, seed=7)
+    params = jax.tree.map(lambda p: p * 4.0, model.params)  # peaked attention, so a wrong mask would show
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, SMALL.vocab_size, (3, 17)))
+    ones = jnp.ones_like(ids)
+
+    def loss(params, mask):
+        logits, _ = model.module.apply({"params": params}, ids[:, :-1], None if mask is None else mask[:, :-1])
+        return next_token_loss(logits, ids[:, 1:]), logits
+
+    (loss_fast, logits_fast), grads_fast = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (loss_masked, logits_masked), grads_masked = jax.value_and_grad(loss, has_aux=True)(params, ones)
+    np.testing.assert_allclose(logits_fast, logits_masked, atol=1e-5)
+    assert abs(float(loss_fast) - float(loss_masked)) <= 1e-6
+    for fast, masked in zip(jax.tree.leaves(grads_fast), jax.tree.leaves(grads_masked)):
+        np.testing.assert_allclose(fast, masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", "HIGHEST"), ("bfloat16", None)])
+def test_float32_means_float32_matmuls(dtype, expected):
+    """float32 compute traces every matmul (forward and backward) at HIGHEST precision; bfloat16 at the default.
+    (XLA on GPUs and TPUs would otherwise run float32 matmuls in reduced precision.)"""
+    from gpt2jax.model import next_token_loss
+
+    model = GPT2LMHeadModel(SMALL.replace(dtype=dtype), seed=0)
+    ids = jnp.zeros((2, 8), jnp.int32)
+    loss = lambda p: next_token_loss(model.module.apply({"params": p}, ids)[0], ids)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(model.params)
+    precisions = [eqn.params["precision"] for eqn in iter_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
+    assert len(precisions) >= 6 * SMALL.n_layer  # qkv, scores, values, proj, fc, proj: forward and backward
+    highest = [isinstance(p, tuple) and all(q == jax.lax.Precision.HIGHEST for q in p) for p in precisions]
+    assert all(highest) if expected == "HIGHEST" else not any(highest), precisions
+
+
+def iter_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (pjit, custom_vjp, scan, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from iter_eqns(inner)

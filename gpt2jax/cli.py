@@ -181,21 +181,31 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from gpt2jax.compare import compare_rows, format_rows, plot, read_runs
+    from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, read_runs
 
+    if args.plot is not None:
+        check_plot_path(args.plot)  # before any run is read or anything printed
     records = read_runs(args.runs)
     print(format_rows(compare_rows(records), args.format))
-    if args.plot:
+    if args.plot is not None:
         plot(records, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
-def run_sweep(args: argparse.Namespace) -> None:
-    from gpt2jax.compare import compare_rows, format_rows, read_runs, sweep
+def run_sweep(args: argparse.Namespace) -> int:
+    from gpt2jax.compare import compare_rows, format_rows, read_runs
+    from gpt2jax.errors import Stopped
+    from gpt2jax.sweep import sweep
 
-    run_dirs = sweep(args.config, args.grid, args.workdir, args.overrides, args.print_commands, not args.no_progress)
+    try:
+        run_dirs = sweep(args.config, args.grid, args.workdir, args.overrides, args.print_commands,
+                         not args.no_progress)
+    except Stopped as stopped:
+        print(f"gpt2jax sweep: {stopped}; run the same sweep again to resume", file=sys.stderr)
+        return 128 + stopped.signum
     if not args.print_commands:
         print(format_rows(compare_rows(read_runs(run_dirs)), "table"))
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -242,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
+    except BrokenPipeError:  # `gpt2jax compare runs/* | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except (UserError, OSError) as e:
         if os.environ.get("GPT2JAX_DEBUG"):
             raise

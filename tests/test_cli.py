@@ -130,3 +130,4 @@ def test_bench_reports_throughput_and_mfu():
     result = run("bench", "--what", "forward", "--seq", "8", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gpt2 (124.4M) float32" in result.stdout and "forward 1x8:" in result.stdout and "MFU" in result.stdout
+

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from gpt2jax import UserError
-from gpt2jax.compare import (check_plot_path, compare_rows, expand_grid, format_rows, plot, read_run, read_runs, sweep,
-                             training_time)
-from gpt2jax.config import load_config
+from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, read_run, read_runs, training_time
+from gpt2jax.experiment import load_config
+from gpt2jax.sweep import expand_grid, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
@@ -320,7 +320,7 @@ def test_a_plot_that_cannot_be_written_is_one_error_line_and_nothing_written(tar
     (tmp_path / "a_file").write_text("x")
     before = tree(tmp_path)
     out = gpt2jax("compare", run, "--plot", str(tmp_path / target))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stdout == ""  # refused before the table
     line, = out.stderr.splitlines()
     assert line.startswith(f"gpt2jax compare: error: --plot {tmp_path / target}: ") and message in line, line
     assert tree(tmp_path) == before

@@ -73,7 +73,7 @@ class Linear(nn.Module):
 
     With `transposed` the kernel is held (out, in) instead. XLA's CPU matrix-vector products
     are about 1.4x faster in that layout, so the sampler decodes with transposed copies
-    (`to_decode_layout`); training and checkpoints use (in, out).
+    (`generation.to_decode_layout`); training and checkpoints use (in, out).
     """
 
     config: GPT2Config
@@ -91,13 +91,6 @@ class Linear(nn.Module):
         contract = ((x.ndim - 1,), (1 if self.transposed else 0,))
         y = lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
         return y + bias.astype(cfg.compute_dtype)
-
-
-def to_decode_layout(params: Any) -> Any:
-    """Copies of the parameters with every Linear kernel transposed to (out, in)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf.T if path[-1].key == "kernel" else leaf, params
-    )
 
 
 def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Iterator
@@ -12,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import hf, rundir, sampling
+from gpt2jax import generation, hf, rundir
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
-from gpt2jax.model import GPT2LMHeadModule, init_cache, init_params, lm_loss, to_decode_layout
+from gpt2jax.generation import GenerationConfig
+from gpt2jax.model import GPT2LMHeadModule, init_params, lm_loss
 
 
 @flax.struct.dataclass
@@ -44,38 +44,6 @@ def _forward(
         {"params": params}, input_ids, attention_mask, position_ids, train=train, rngs={"dropout": dropout_rng}
     )
     return CausalLMOutput(logits=logits, loss=None if labels is None else lm_loss(logits, labels))
-
-
-@dataclasses.dataclass(frozen=True)
-class GPT2Decoder:
-    """Binds the GPT-2 module to the model-agnostic sampler; its params are in `to_decode_layout`."""
-
-    module: GPT2LMHeadModule  # with transposed_kernels=True
-
-    def init_cache(self, batch_size: int, length: int) -> Any:
-        return init_cache(self.module.config, batch_size, length)
-
-    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
-        def last_logits(module: GPT2LMHeadModule) -> tuple[jax.Array, Any]:
-            h_BxTxD, new_cache = module.transformer(
-                tokens_BxT, positions_BxT, mask_BxS, train=False, cache=cache, cache_index=index
-            )
-            return module.transformer.logits(h_BxTxD[:, -1:])[:, 0], new_cache
-
-        return self.module.apply({"params": params}, method=last_logits)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Generation:
-    """Validated generate() arguments, bucketed and ready for the compiled loop."""
-
-    prompt_BxP: jax.Array
-    mask_BxP: jax.Array
-    prompt_length: int  # T, before bucket padding
-    max_new_tokens: int
-    rules: sampling.SamplingRules
-    values: dict  # temperature, top_p, eos_token_id, pad_token_id as arrays
-    rng: jax.Array
 
 
 def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
@@ -107,7 +75,7 @@ class GPT2LMHeadModel:
         self.params = init_params(config, seed) if params is None else params
         self.training = False
         self._dropout_key = jax.random.key(seed + 1)
-        self._decode_params: tuple[Any, Any] = (None, None)  # (params, their decode-layout copy)
+        self._decoding: tuple[Any, Any] = (None, None)  # (params, their generation.Decoding)
 
     def __repr__(self) -> str:
         return f"GPT2LMHeadModel({self.config}, parameters={self.num_parameters():,})"
@@ -190,114 +158,40 @@ class GPT2LMHeadModel:
         )
 
     def generate(
-        self,
-        input_ids: Any,
-        attention_mask: Any = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        seed: int = 0,
+        self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
     ) -> np.ndarray:
         """Continue each prompt by `max_new_tokens` tokens in one compiled loop over a KV cache.
 
-        Batches of different lengths are left-padded with `attention_mask` 0; positions follow
-        the mask, so a padded row yields the tokens it would yield alone. Greedy unless
-        `do_sample`; sampling applies temperature, then top-k (0: off), then top-p, as Hugging
-        Face does. A row that emits `eos_token_id` (default: the config's) gets `pad_token_id`
-        (default: EOS) after it, and the loop ends once every row is done.
+        Settings come from `generation_config` (a `GenerationConfig`), with any of its fields given as
+        keywords overriding it, as in Hugging Face: `max_new_tokens, do_sample, temperature, top_k,
+        top_p, eos_token_id, pad_token_id, seed`. Batches of different lengths are left-padded with
+        `attention_mask` 0; positions follow the mask, so a padded row yields the tokens it would
+        yield alone. A row that emits EOS gets `pad_token_id` after it; the loop ends once every row
+        is done.
 
         Returns:
           int32 (B, T + max_new_tokens): the prompts followed by the new tokens.
         """
-        gen = self._prepare_generation(
-            input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-            pad_token_id, seed,
-        )
-        tokens = sampling.generate_tokens(
-            self._decoder(), self._params_for_decoding(), gen.prompt_BxP, gen.mask_BxP, gen.max_new_tokens, gen.rules,
-            rng=gen.rng, **gen.values,
-        )
-        return np.asarray(tokens)[:, gen.prompt_BxP.shape[1] - gen.prompt_length :]
+        gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
+        return generation.generate(self.decoding(), input_ids, attention_mask, gen)
 
-    def generate_stream(self, input_ids: Any, *args: Any, chunk_size: int = 8, **kwargs: Any) -> Iterator[np.ndarray]:
-        """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps.
+    def generate_stream(
+        self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None, *,
+        chunk_size: int = 8, **kwargs: Any,
+    ) -> Iterator[np.ndarray]:
+        """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps; with the same
+        settings the chunks concatenate to `generate`'s new tokens."""
+        gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
+        return generation.generate_stream(self.decoding(), input_ids, attention_mask, gen, chunk_size)
 
-        Takes the arguments of `generate`; with the same seed the concatenated chunks equal
-        its new tokens.
-        """
-        gen = self._prepare_generation(input_ids, *args, **kwargs)
-        decoder, params = self._decoder(), self._params_for_decoding()
-        state = sampling.prefill_jit(decoder, params, gen.prompt_BxP, gen.mask_BxP, gen.max_new_tokens, gen.rng)
-        prompt_slots, emitted = gen.prompt_BxP.shape[1], 0
-        while emitted < gen.max_new_tokens and not bool(np.all(state.done_B)):
-            state = sampling.decode_jit(decoder, params, state, chunk_size, gen.rules, **gen.values)
-            step = int(state.step)
-            yield np.asarray(state.tokens_BxL[:, prompt_slots + emitted : prompt_slots + step])
-            emitted = step
-
-    def _decoder(self) -> GPT2Decoder:
-        return GPT2Decoder(GPT2LMHeadModule(self.config, transposed_kernels=True))
-
-    def _params_for_decoding(self) -> Any:
-        """The params with kernels transposed for fast decoding, recomputed only when params change."""
-        source, converted = self._decode_params
+    def decoding(self) -> generation.Decoding:
+        """The decoder and the decode-layout params, made again only when `params` is replaced."""
+        source, decoding = self._decoding
         if source is not self.params:
-            converted = jax.jit(to_decode_layout)(self.params)
-            self._decode_params = (self.params, converted)
-        return converted
-
-    def _prepare_generation(
-        self,
-        input_ids: Any,
-        attention_mask: Any = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        seed: int = 0,
-    ) -> _Generation:
-        cfg = self.config
-        input_ids = np.asarray(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise UserError(f"the prompt is empty or not (batch, time): input_ids shape {input_ids.shape}")
-        _check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
-        empty_rows = np.flatnonzero(mask.sum(axis=1) == 0)
-        if empty_rows.size:
-            raise UserError(f"prompt row {int(empty_rows[0])} is empty (its attention_mask is all 0)")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        T = input_ids.shape[1]
-        if T + max_new_tokens > cfg.n_positions:
-            raise UserError(
-                f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds n_positions={cfg.n_positions}"
-            )
-        if do_sample and not temperature > 0:
-            raise UserError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise UserError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-        pad = eos if pad_token_id is None else pad_token_id
-        slots = sampling.bucket_length(T)
-        prompt, prompt_mask = sampling.left_pad(jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32), slots, pad)
-        rules = sampling.SamplingRules(do_sample=do_sample, top_k=min(top_k, cfg.vocab_size) if do_sample else 0,
-                                       use_top_p=do_sample and top_p < 1.0)
-        values = dict(
-            temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
-            eos_token_id=jnp.int32(eos), pad_token_id=jnp.int32(pad),
-        )
-        return _Generation(prompt, prompt_mask, T, max_new_tokens, rules, values, jax.random.key(seed))
+            decoding = generation.Decoding.of(self.config, self.params)
+            self._decoding = (self.params, decoding)
+        return decoding
 
     def num_parameters(self) -> int:
         """Parameter count, the tied LM head counted once (as transformers does)."""

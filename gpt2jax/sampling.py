@@ -38,6 +38,16 @@ class SamplingRules:
 
 
 @flax.struct.dataclass
+class SamplingValues:
+    """The sampling settings that travel as arrays (changing them does not recompile)."""
+
+    temperature: jax.Array  # float32 scalar
+    top_p: jax.Array  # float32 scalar
+    eos_token_id: jax.Array  # int32 scalar; -1: none
+    pad_token_id: jax.Array  # int32 scalar
+
+
+@flax.struct.dataclass
 class SamplingState:
     step: jax.Array  # tokens generated so far, int32 scalar
     tokens_BxL: jax.Array  # prompt slots, then generated tokens (pad after a row's EOS)
@@ -114,10 +124,7 @@ def decode(
     state: SamplingState,
     num_steps: int,
     rules: SamplingRules,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    eos_token_id: jax.Array,
-    pad_token_id: jax.Array,
+    values: SamplingValues,
 ) -> SamplingState:
     """Generate up to `num_steps` more tokens; stops early once every row is done or the buffer is full.
 
@@ -131,8 +138,9 @@ def decode(
         return (state.step < stop) & ~jnp.all(state.done_B)
 
     def one_token(state: SamplingState) -> SamplingState:
-        token_B = choose_tokens(state.logits_BxV, jax.random.fold_in(state.rng, state.step), rules, temperature, top_p)
-        token_B = jnp.where(state.done_B, pad_token_id, token_B)
+        key = jax.random.fold_in(state.rng, state.step)
+        token_B = choose_tokens(state.logits_BxV, key, rules, values.temperature, values.top_p)
+        token_B = jnp.where(state.done_B, values.pad_token_id, token_B)
         slot = prompt_slots + state.step
         tokens_BxL = lax.dynamic_update_slice(state.tokens_BxL, token_B[:, None], (0, slot))
         logits_BxV, cache = decoder.tokens_to_logits(
@@ -144,7 +152,7 @@ def decode(
             next_position_B=state.next_position_B + 1,
             logits_BxV=logits_BxV,
             cache=cache,
-            done_B=state.done_B | (token_B == eos_token_id),
+            done_B=state.done_B | (token_B == values.eos_token_id),
         )
 
     return lax.while_loop(running, one_token, state)
@@ -165,16 +173,13 @@ def generate_tokens(
     prompt_mask_BxP: jax.Array,
     max_new_tokens: int,
     rules: SamplingRules,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    eos_token_id: jax.Array,
-    pad_token_id: jax.Array,
+    values: SamplingValues,
     rng: jax.Array,
 ) -> jax.Array:
     """Prompt + N new tokens (B, P + N) in one compiled call: prefill, then the decode loop."""
     state = prefill(decoder, params, prompt_BxP, prompt_mask_BxP, max_new_tokens, rng)
-    state = decode(decoder, params, state, max_new_tokens, rules, temperature, top_p, eos_token_id, pad_token_id)
-    return fill_after_stop(state, pad_token_id)
+    state = decode(decoder, params, state, max_new_tokens, rules, values)
+    return fill_after_stop(state, values.pad_token_id)
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("decoder", "max_new_tokens"))

@@ -275,6 +275,8 @@ def test_causal_fast_path_equals_the_masked_path_forward_and_gradients():
 def test_float32_means_float32_matmuls(dtype, expected):
     """float32 compute traces every matmul (forward and backward) at HIGHEST precision; bfloat16 at the default.
     (XLA on GPUs and TPUs would otherwise run float32 matmuls in reduced precision.)"""
+    from jaxpr_tools import iter_eqns
+
     from gpt2jax.model import next_token_loss
 
     model = GPT2LMHeadModel(SMALL.replace(dtype=dtype), seed=0)
@@ -286,13 +288,3 @@ def test_float32_means_float32_matmuls(dtype, expected):
     highest = [isinstance(p, tuple) and all(q == jax.lax.Precision.HIGHEST for q in p) for p in precisions]
     assert all(highest) if expected == "HIGHEST" else not any(highest), precisions
 
-
-def iter_eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in it (pjit, custom_vjp, scan, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from iter_eqns(inner)

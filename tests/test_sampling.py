@@ -12,7 +12,8 @@ from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError, sampling
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SMALL = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=100, eos_token_id=100)
-GREEDY = dict(eos_token_id=jnp.int32(-1), pad_token_id=jnp.int32(0), temperature=jnp.float32(1), top_p=jnp.float32(1))
+GREEDY = sampling.SamplingValues(temperature=jnp.float32(1), top_p=jnp.float32(1), eos_token_id=jnp.int32(-1),
+                                 pad_token_id=jnp.int32(0))
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,11 @@ def test_cached_decoding_equals_full_recomputation(model):
     """Logits the loop decodes from its cache, step by step, against a full forward pass of the result."""
     prompts = np.array([[0, 0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26, 27]])
     mask = (np.arange(7)[None] >= np.array([[3], [0]])).astype(np.int32)
-    decoder, params = model._decoder(), model._params_for_decoding()
+    decoder, params = model.decoding().decoder, model.decoding().params
     state = sampling.prefill_jit(decoder, params, jnp.asarray(prompts), jnp.asarray(mask), 10, jax.random.key(0))
     step_logits = [np.asarray(state.logits_BxV)]
     for _ in range(10):
-        state = sampling.decode_jit(decoder, params, state, 1, sampling.SamplingRules(), **GREEDY)
+        state = sampling.decode_jit(decoder, params, state, 1, sampling.SamplingRules(), GREEDY)
         step_logits.append(np.asarray(state.logits_BxV))
     tokens = np.asarray(state.tokens_BxL)
     full_mask = np.concatenate([mask, np.ones((2, 10), np.int32)], axis=1)
@@ -143,8 +144,8 @@ def test_eos_pads_rows_and_loop_exits_early():
     decoder = CountingDecoder()
     prompts = jnp.array([[0, 5], [0, 1]])
     state = sampling.prefill_jit(decoder, None, prompts, jnp.ones_like(prompts), 12, jax.random.key(0))
-    values = dict(GREEDY, eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(0))
-    state = sampling.decode_jit(decoder, None, state, 12, sampling.SamplingRules(), **values)
+    values = GREEDY.replace(eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(0))
+    state = sampling.decode_jit(decoder, None, state, 12, sampling.SamplingRules(), values)
     # row 0: 6 7 8(eos) then pad; row 1: 2 .. 8(eos) after 7 steps: the loop stops there
     assert int(state.step) == 7 and int(state.cache) == 1 + 7
     tokens = np.asarray(sampling.fill_after_stop(state, jnp.int32(0)))
@@ -178,6 +179,8 @@ def test_bucket_length():
         (dict(input_ids=[[1, 2]], top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(input_ids=[[1, 101]]), "vocab_size is 101"),
         (dict(input_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(input_ids=[[1, 2]], max_length=9), "unknown arguments max_length; it takes max_new_tokens"),
+        (dict(input_ids=[[1, 2]], eos_token_id=1.5), "eos_token_id must be an integer"),
     ],
 )
 def test_bad_generate_arguments(model, kwargs, message):
@@ -310,9 +313,8 @@ def test_step_s_draws_with_fold_in_of_the_key_and_s():
     """The documented key schedule: step s samples with fold_in(rng, s), on every row of the batch."""
     rng, steps = jax.random.key(11), 6
     prompts = jnp.array([[1, 2], [3, 4], [5, 6]])
-    values = dict(GREEDY, eos_token_id=jnp.int32(-1))
     out = np.asarray(sampling.generate_tokens(UniformDecoder(), None, prompts, jnp.ones_like(prompts), steps,
-                                              sampling.SamplingRules(do_sample=True), rng=rng, **values))
+                                              sampling.SamplingRules(do_sample=True), GREEDY, rng))
     uniform = jnp.zeros((3, 1000))
     expected = np.stack([jax.random.categorical(jax.random.fold_in(rng, s), uniform, axis=-1) for s in range(steps)], 1)
     np.testing.assert_array_equal(out[:, 2:], expected)
@@ -323,9 +325,9 @@ def test_pad_value_after_eos_and_after_the_loop_stops():
     """With a pad id that differs from the buffer's initial zeros, every slot after a row's EOS holds pad,
     including the slots the loop never reached (it stops once every row is done)."""
     decoder, prompts = CountingDecoder(), jnp.array([[0, 5], [0, 1]])
-    values = dict(GREEDY, eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(-7))
+    values = GREEDY.replace(eos_token_id=jnp.int32(8), pad_token_id=jnp.int32(-7))
     out = np.asarray(sampling.generate_tokens(decoder, None, prompts, jnp.ones_like(prompts), 12,
-                                              sampling.SamplingRules(), rng=jax.random.key(0), **values))
+                                              sampling.SamplingRules(), values, jax.random.key(0)))
     assert out[0].tolist() == [0, 5, 6, 7, 8] + [-7] * 9
     assert out[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8] + [-7] * 5
 
@@ -348,3 +350,50 @@ def test_left_padded_batch_equals_greedy_by_full_recomputation(model):
             padded = np.array([tokens + [0] * (width + new - len(tokens))])
             tokens.append(int(np.argmax(np.asarray(scaled(padded).logits)[0, len(tokens) - 1])))
         assert out[i, width:].tolist() == tokens[len(row):], i
+
+
+def test_bool_and_int_attention_masks_generate_the_same(model):
+    prompts = np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
+    mask = np.array([[0, 0, 1, 1, 1], [1] * 5])
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=20, seed=2)
+    np.testing.assert_array_equal(model.generate(prompts, mask.astype(bool), **kwargs),
+                                  model.generate(prompts, mask, **kwargs))
+
+
+def test_generation_config_and_keywords_are_one_thing(model):
+    from gpt2jax.generation import GenerationConfig
+
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, top_p=0.9, seed=5)
+    np.testing.assert_array_equal(model.generate(prompt, generation_config=config),
+                                  model.generate(prompt, max_new_tokens=12, do_sample=True, top_p=0.9, seed=5))
+    np.testing.assert_array_equal(model.generate(prompt, generation_config=config, seed=6),
+                                  model.generate(prompt, max_new_tokens=12, do_sample=True, top_p=0.9, seed=6))
+
+
+def test_the_bfloat16_decode_loop_converts_no_weights():
+    """Decode-layout params are in the compute dtype, so the while loop's body casts no weight per token."""
+    from jaxpr_tools import iter_eqns
+
+    from gpt2jax.generation import Decoding, to_decode_layout
+
+    config = SMALL.replace(dtype="bfloat16")
+    fp32 = GPT2LMHeadModel(SMALL, seed=0)
+    decoding = Decoding.of(config, fp32.params)
+    prompt, mask = jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32)
+    weight_shapes = {tuple(p.shape) for p in jax.tree.leaves(decoding.params) if p.ndim >= 2}
+
+    def weight_casts(params):
+        jaxpr = jax.make_jaxpr(lambda p: sampling.generate_tokens(decoding.decoder, p, prompt, mask, 4,
+                                                                  sampling.SamplingRules(), GREEDY,
+                                                                  jax.random.key(0)))(params)
+        loops = [e for e in iter_eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
+        assert loops
+        return [e for loop in loops for e in iter_eqns(loop.params["body_jaxpr"].jaxpr)
+                if e.primitive.name == "convert_element_type" and e.params["new_dtype"] == jnp.bfloat16
+                and e.invars[0].aval.dtype == jnp.float32 and tuple(e.invars[0].aval.shape) in weight_shapes]
+
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(decoding.params))
+    assert weight_casts(decoding.params) == []
+    # the check sees casts when they are there: float32 decode-layout params in the same bfloat16 loop
+    assert len(weight_casts(to_decode_layout(fp32.params, jnp.float32))) >= 4 * SMALL.n_layer

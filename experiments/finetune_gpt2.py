@@ -10,7 +10,7 @@ Loss:      starts at GPT-2's own loss on Python source (about 1.6-1.8 nats/token
 The model's shape comes from init_from's config.json; model.* here only sets dropout.
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

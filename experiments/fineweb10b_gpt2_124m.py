@@ -7,7 +7,7 @@ Loss:      val loss about 3.28 on FineWeb after 10B tokens (quoted from llm.c; H
 Batch:     512 sequences x 1024 tokens = 524,288 tokens per step; 18,865 steps ~= 10B tokens.
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ Loss:      val loss about 2.85 after 600k steps (quoted from nanoGPT; GPT-2 124M
 Batch:     480 sequences x 1024 tokens = 491,520 tokens per step (nanoGPT: 12 x 1024 x 40 accumulation).
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ Loss:      val 1.63 nats/byte at step 800 (train 1.60; ln 257 = 5.55 at init); s
            def/self/return, indentation, string literals, plausible identifiers, mangled details.
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ Wall time: 5 min 2 s for 300 steps (~0.9 s/step, ~2.2k tokens/s: the 50257 x 128
 Loss:      val 3.37 nats/token at step 300 (train 3.24; ln 50257 = 10.8 at init).
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

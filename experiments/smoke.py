@@ -6,7 +6,7 @@ Wall time: seconds after the bins exist (the first prepare of pystdlib takes ~1 
 Loss:      starts near ln(257) = 5.55 and falls; the number means nothing. Used by the tests.
 """
 
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 
 
 def get_config():

@@ -104,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU")
     bench.add_argument("--size", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
+                       help="compute dtypes (default: float32; decode alone: both)")
     bench.add_argument("--what", nargs="+", default=["forward", "decode", "train"],
                        choices=["forward", "decode", "train"])
-    bench.add_argument("--batch", type=positive_int, default=1, help="sequences per device")
+    bench.add_argument("--batch", type=positive_int, nargs="+",
+                       help="sequences per device (default: 1; decode alone: 1 8 64)")
     bench.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
     bench.add_argument("--new-tokens", type=positive_int, default=128, help="decode: tokens generated after a 32-token prompt")
     bench.add_argument("--repeats", type=positive_int, default=3)
@@ -211,7 +213,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> None:
     from gpt2jax.bench import run_bench as bench
 
-    bench(args.size, args.dtype, args.what, args.batch, args.seq, args.new_tokens, args.repeats)
+    decode_only = args.what == ["decode"]
+    dtypes = args.dtype or (["bfloat16", "float32"] if decode_only else ["float32"])
+    batches = args.batch or ([1, 8, 64] if decode_only else [1])
+    bench(args.size, dtypes, args.what, batches, args.seq, args.new_tokens, args.repeats)
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -1,31 +1,40 @@
 """Text corpora -> token bins (`prepare`); `gpt2jax.batches` samples training batches from them.
 
-`prepare` loads documents with Hugging Face `datasets` (a hub dataset, local files, or the
-embedded `pystdlib` corpus), tokenizes them with `.map(num_proc=N)`, puts EOT after every
-document, splits train/val by a stable hash of each document's text, and writes `train.bin`,
-`val.bin` and `meta.json` atomically into a cache directory keyed by what produced them.
+`prepare` loads documents with Hugging Face `datasets` (a hub dataset, local files, or the embedded
+`pystdlib` corpus, whose documents are whole files: each stdlib module and pydoc topic; `.txt` files
+are cut by `data.text_sample_by`: "paragraph" by default, or "document" / "line"), tokenizes them in
+this process on `data.num_proc` threads (tiktoken encodes without the GIL; nothing is forked, which
+is unsafe once JAX runs threads), puts EOT after every document, splits train/val by a stable hash of
+each document's text, and writes `train.bin`, `val.bin` and `meta.json` atomically into a cache
+directory keyed by what produced them. Bins that no longer match the sizes and checksums in their
+meta.json are rebuilt.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
-import sysconfig
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
 
 from gpt2jax.errors import UserError
+from gpt2jax.sources import SAMPLE_BY, describe, load_documents, source_fingerprint
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
 
-FORMAT_VERSION = 1
-_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+FORMAT_VERSION = 2  # of meta.json: 2 added "files" (each bin's bytes and checksum); format-1 bins are upgraded
+_LAYOUT_VERSION = 1  # of the bins' bytes, part of the directory key: unchanged by format 2, so format-1 bins are found
+CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,89 +59,6 @@ class TokenBins:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources
-
-
-def pystdlib_documents() -> list[str]:
-    """The running Python's standard library sources plus pydoc's topic texts, in a fixed order."""
-    from pydoc_data.topics import topics
-
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
-    documents = []
-    for path in sorted(paths, key=lambda p: os.path.relpath(p, root)):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            documents.append(f.read())
-    return documents + [topics[key] for key in sorted(topics)]
-
-
-def _local_files(dataset: str) -> list[str] | None:
-    """The files a local source names (a file, directory or glob), or None if it names none."""
-    expanded = os.path.expanduser(dataset)
-    if os.path.isfile(expanded):
-        return [os.path.abspath(expanded)]
-    if os.path.isdir(expanded):
-        found = [os.path.join(d, f) for d, _, files in os.walk(expanded) for f in files]
-        return sorted(os.path.abspath(p) for p in found if os.path.splitext(p)[1] in _LOADERS)
-    if glob.has_magic(expanded):
-        return sorted(os.path.abspath(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-    return None
-
-
-def _is_local(dataset: str) -> bool:
-    return dataset.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(dataset)) or glob.has_magic(dataset)
-
-
-def source_fingerprint(data: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What the bins depend on: the source's identity (and for local files, their sizes and mtimes)."""
-    if data.dataset == "pystdlib":
-        return {"kind": "pystdlib", "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
-    if _is_local(data.dataset):
-        files = _local_files(data.dataset)
-        if not files:
-            raise UserError(f"data.dataset={data.dataset!r}: no such file, or no {'/'.join(_LOADERS)} files there")
-        kinds = {_LOADERS.get(os.path.splitext(f)[1]) for f in files}
-        if None in kinds or len(kinds) > 1:
-            raise UserError(f"data.dataset={data.dataset!r}: mixes or has unsupported file types "
-                            f"({', '.join(sorted({os.path.splitext(f)[1] or '(none)' for f in files}))})")
-        loader = kinds.pop()
-        stats = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
-        if loader == "text":
-            return {"kind": "local", "loader": loader, "files": stats, "sample_by": data.text_sample_by}
-        return {"kind": "local", "loader": loader, "files": stats, "text_column": data.text_column}
-    return {"kind": "hub", "name": data.dataset, "config": data.dataset_config, "split": data.split,
-            "text_column": data.text_column}
-
-
-def load_documents(data: ml_collections.ConfigDict, source: dict[str, Any], cache_dir: str):
-    """A `datasets.Dataset` with one "text" column, one row per document, in source order."""
-    import datasets
-
-    if source["kind"] == "pystdlib":
-        return datasets.Dataset.from_dict({"text": pystdlib_documents()})
-    try:
-        if source["kind"] == "local":
-            files = [f for f, _, _ in source["files"]]
-            kwargs = {"sample_by": data.text_sample_by} if source["loader"] == "text" else {}
-            ds = datasets.load_dataset(source["loader"], data_files=files, split="train",
-                                       cache_dir=os.path.join(cache_dir, "hf"), **kwargs)
-        else:
-            ds = datasets.load_dataset(data.dataset, data.dataset_config, split=data.split)
-    except Exception as e:  # offline, unknown dataset, malformed file: one line for the user
-        where = "local files" if source["kind"] == "local" else "the Hugging Face Hub (offline?)"
-        raise UserError(f"data.dataset={data.dataset!r}: could not be loaded from {where}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    column = "text" if source["kind"] == "local" and source["loader"] == "text" else data.text_column
-    if column not in ds.column_names:
-        raise UserError(f"data.text_column={column!r} is not a column of {data.dataset!r} "
-                        f"(it has {', '.join(ds.column_names)})")
-    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
-
-
-# --------------------------------------------------------------------------------------------
 # Prepare
 
 
@@ -142,28 +68,76 @@ def in_validation(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _tokenize_batch(batch: dict, tokenizer_name: str, val_fraction: float, dtype: str) -> dict:
-    """Each document's ids + EOT as raw `dtype` bytes: cheap to pass between processes and to write."""
-    tokenizer = _worker_tokenizer(tokenizer_name)
-    ids = tokenizer.encode_batch(batch["text"])
-    return {
-        "ids": [np.asarray(seq + [tokenizer.eos_token_id], dtype).tobytes() for seq in ids],
-        "is_val": [in_validation(t, val_fraction) for t in batch["text"]],
-    }
+def bin_checksum(path: str) -> str:
+    """blake2b-128 of the file's size and of CHECKSUM_CHUNKS evenly spaced chunks of CHECKSUM_CHUNK_BYTES,
+    first and last included (the whole file when it is no larger than those chunks: 4 MiB).
+
+    Sampled, not a full hash, because it runs on every reuse: it reads at most 4 MiB of a multi-GB bin
+    (milliseconds), where a full hash reads all of it (blake2b ~0.4-1 GB/s here: 20-50 s for a 20 GB
+    bin, minutes from a cold disk). The size catches truncation and appends; the chunks catch damage
+    that touches them (a rewrite, a copy gone wrong, zeroed blocks), not a few bytes changed between them."""
+    size = os.path.getsize(path)
+    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= CHECKSUM_CHUNKS * CHECKSUM_CHUNK_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(CHECKSUM_CHUNKS):
+                f.seek(i * (size - CHECKSUM_CHUNK_BYTES) // (CHECKSUM_CHUNKS - 1))
+                digest.update(f.read(CHECKSUM_CHUNK_BYTES))
+    return digest.hexdigest()
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+def _bin_records(directory: str) -> dict[str, dict]:
+    """What meta.json records of each bin to check it on reuse."""
+    paths = {name: os.path.join(directory, name) for name in ("train.bin", "val.bin")}
+    return {name: {"bytes": os.path.getsize(path), "blake2b_sampled": bin_checksum(path)}
+            for name, path in paths.items()}
 
 
-def _worker_tokenizer(name: str) -> Tokenizer:
-    """One tokenizer per worker process, built on its first batch."""
-    if name not in _TOKENIZERS:
-        _TOKENIZERS[name] = load_tokenizer(name)
-    return _TOKENIZERS[name]
+def _damage(bins: TokenBins) -> str | None:
+    """What is wrong with the bins on disk, against their meta.json (format 1: token counts only); None if nothing."""
+    for split in ("train", "val"):
+        path = os.path.join(bins.directory, f"{split}.bin")
+        recorded = bins.meta.get("files", {}).get(f"{split}.bin", {})
+        expected = recorded.get("bytes", bins.num_tokens(split) * bins.dtype.itemsize)
+        if not os.path.isfile(path):
+            return f"{split}.bin is missing"
+        if os.path.getsize(path) != expected:
+            return f"{split}.bin is {os.path.getsize(path):,} bytes, meta.json says {expected:,}"
+        if "blake2b_sampled" in recorded and bin_checksum(path) != recorded["blake2b_sampled"]:
+            return f"{split}.bin changed since it was written (checksum mismatch)"
+    return None
+
+
+def _reuse(directory: str) -> TokenBins | None:
+    """The finished bins in `directory` if they still match their meta.json. Damaged ones (a cache) lose
+    their meta.json, with one line on stderr, so that they are rebuilt; UserError if that is impossible."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.lexists(meta_path):
+        return None
+    try:
+        bins = TokenBins(directory, _read_json(meta_path))
+        damage = _damage(bins)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
+        damage = f"meta.json is unreadable ({describe(e)})"
+    if damage is None and bins.meta.get("format_version", 1) < FORMAT_VERSION:  # format 1: checksum it from now on
+        upgraded = {**bins.meta, "files": _bin_records(directory), "format_version": FORMAT_VERSION}
+        with contextlib.suppress(OSError):  # a read-only cache stays usable, checked by size alone
+            _write_json_atomic(meta_path, upgraded)
+            bins = TokenBins(directory, upgraded)
+    if damage is None:
+        return bins
+    try:
+        os.remove(meta_path)
+    except OSError as e:
+        raise UserError(f"{directory}: {damage}; cannot rebuild it ({describe(e)}): remove the directory") from None
+    print(f"gpt2jax prepare: {directory}: {damage}; rebuilding the token bins", file=sys.stderr)
+    return None
 
 
 def bins_directory(data: ml_collections.ConfigDict, source: dict[str, Any]) -> str:
-    settings = {"version": FORMAT_VERSION, "source": source, "tokenizer": _tokenizer_fingerprint(data.tokenizer),
+    settings = {"version": _LAYOUT_VERSION, "source": source, "tokenizer": _tokenizer_fingerprint(data.tokenizer),
                 "val_fraction": data.val_fraction}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(data.dataset)) or "data")[:40]
@@ -178,68 +152,127 @@ def _tokenizer_fingerprint(name: str) -> str:
     for filename in ("vocab.json", "merges.txt", "tokenizer.json"):
         path = os.path.join(name, filename)
         if os.path.isfile(path):
-            with open(path, "rb") as f:
-                digest.update(f.read())
+            try:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            except OSError as e:
+                raise UserError(f"data.tokenizer={name!r}: cannot read {filename} ({describe(e)})") from None
     return f"dir:{digest.hexdigest()}"
 
 
-def prepare(data: ml_collections.ConfigDict, *, progress: bool = True) -> TokenBins:
-    """Token bins for `data` (the `data` group of an experiment config): reused when present.
+def _load_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names; a broken tokenizer directory is a UserError."""
+    try:
+        return load_tokenizer(name)
+    except UserError:
+        raise
+    except Exception as e:
+        if not os.path.isdir(name):
+            raise
+        raise UserError(f"data.tokenizer={name!r}: not a usable tokenizer directory ({describe(e)})") from None
 
-    Raises UserError, with nothing written, for a missing or empty source, an unknown text
-    column, an unreachable hub dataset, or a split shorter than one window of block_size + 1.
+
+def _check_settings(data: ml_collections.ConfigDict) -> None:
+    problems = {
+        "data.dataset must name a source": not (isinstance(data.dataset, str) and data.dataset.strip()),
+        f"data.val_fraction must be in [0, 1), got {data.val_fraction}": not 0.0 <= data.val_fraction < 1.0,
+        f"data.block_size must be positive, got {data.block_size}": not data.block_size > 0,
+        f"data.num_proc (tokenizer threads) must be >= 1, got {data.num_proc}": not data.num_proc >= 1,
+        "data.cache_dir must name a directory": not (isinstance(data.cache_dir, str) and data.cache_dir.strip()),
+        f"data.text_sample_by={data.get('text_sample_by')!r} is not one of {', '.join(SAMPLE_BY)}":
+            data.get("text_sample_by", "paragraph") not in SAMPLE_BY,
+    }
+    for problem, failed in problems.items():
+        if failed:
+            raise UserError(problem)
+
+
+def prepare(data: ml_collections.ConfigDict, *, progress: bool = True) -> TokenBins:
+    """Token bins for `data` (the `data` group of an experiment config): reused when present and intact.
+
+    Raises UserError, with nothing written, for a bad setting, a missing, unreadable, malformed or
+    empty source, a text column without text, an unusable tokenizer or cache_dir, an unreachable hub
+    dataset, or a split shorter than one window of block_size + 1.
     """
-    tokenizer = load_tokenizer(data.tokenizer)
-    if not 0.0 <= data.val_fraction < 1.0:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
+    _check_settings(data)
+    tokenizer = _load_tokenizer(data.tokenizer)
     source = source_fingerprint(data)
     directory = bins_directory(data, source)
-    meta_path = os.path.join(directory, "meta.json")
-    if os.path.isfile(meta_path):
-        bins = TokenBins(directory, _read_json(meta_path))
-        check_windows(bins, data.block_size)
-        return bins
+    bins = _reuse(directory)
+    if bins is None:
+        return _build(data, source, tokenizer, directory, progress)
+    check_windows(bins, data.block_size)
+    return bins
 
-    documents = load_documents(data, source, os.path.expanduser(data.cache_dir))
-    if len(documents) == 0:
-        raise UserError(f"data.dataset={data.dataset!r} has no documents")
-    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    tokenized = documents.map(
-        _tokenize_batch, batched=True, batch_size=64, num_proc=min(data.num_proc, len(documents)) if data.num_proc > 1 else None,
-        remove_columns=["text"], desc="tokenizing", load_from_cache_file=False,
-        fn_kwargs={"tokenizer_name": data.tokenizer, "val_fraction": data.val_fraction, "dtype": np.dtype(dtype).name},
-    )
-    os.makedirs(directory, exist_ok=True)
-    _remove_abandoned(directory)
-    temporary = {split: os.path.join(directory, f"{split}.bin.tmp-{os.getpid()}") for split in ("train", "val")}
-    counts = {split: {"tokens": 0, "documents": 0} for split in temporary}
+
+def _build(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, directory: str,
+           progress: bool) -> TokenBins:
     try:
-        with open(temporary["train"], "wb") as train_file, open(temporary["val"], "wb") as val_file:
-            files = {"train": train_file, "val": val_file}
-            for batch in _batches(tokenized, progress):
-                for ids, is_val in zip(batch["ids"], batch["is_val"]):
-                    split = "val" if is_val else "train"
-                    files[split].write(ids)
-                    counts[split]["tokens"] += len(ids) // np.dtype(dtype).itemsize
-                    counts[split]["documents"] += 1
-        meta = {"tokenizer": data.tokenizer, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                "dtype": np.dtype(dtype).name, "source": source, "val_fraction": data.val_fraction,
-                "splits": counts, "format_version": FORMAT_VERSION}
-        check_windows(TokenBins(directory, meta), data.block_size)
-        for split, path in temporary.items():
-            os.replace(path, os.path.join(directory, f"{split}.bin"))
-        _write_json_atomic(meta_path, meta)
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data.cache_dir={data.cache_dir!r}: cannot create {directory} ({describe(e)})") from None
+    _remove_abandoned(directory)
+    temporary = {name: os.path.join(directory, f"{name}.tmp-{os.getpid()}") for name in ("train.bin", "val.bin", "hf")}
+    meta_path = os.path.join(directory, "meta.json")
+    try:
+        documents = load_documents(data, source, temporary["hf"], progress)
+        if len(documents) == 0:
+            raise UserError(f"data.dataset={data.dataset!r} has no documents")
+        dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
+        try:
+            counts = _write_bins(_batches(documents, progress), tokenizer, data, dtype, temporary)
+            meta = {"tokenizer": data.tokenizer, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                    "dtype": dtype.name, "source": source, "val_fraction": data.val_fraction, "splits": counts,
+                    "format_version": FORMAT_VERSION}
+            check_windows(TokenBins(directory, meta), data.block_size)
+            for name in ("train.bin", "val.bin"):
+                os.replace(temporary[name], os.path.join(directory, name))
+            _write_json_atomic(meta_path, {**meta, "files": _bin_records(directory)})
+        except UnicodeDecodeError as e:
+            raise UserError(f"data.dataset={data.dataset!r}: a document is not valid UTF-8 ({describe(e)})") from None
+        except OSError as e:
+            raise UserError(f"cannot write the token bins in {directory} ({describe(e)})") from None
     finally:
         for path in temporary.values():
-            if os.path.exists(path):
-                os.remove(path)
+            _remove(path)
         if not os.path.isfile(meta_path) and os.path.isdir(directory) and not os.listdir(directory):
             os.rmdir(directory)
     return TokenBins(directory, _read_json(meta_path))
 
 
+def _write_bins(batches: Iterator[dict], tokenizer: Tokenizer, data: ml_collections.ConfigDict, dtype: np.dtype,
+                paths: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Each document's ids + EOT appended to train or val, in source order; the token and document counts."""
+    counts = {split: {"tokens": 0, "documents": 0} for split in ("train", "val")}
+    texts = (text for batch in batches for text in batch["text"])
+    with open(paths["train.bin"], "wb") as train_file, open(paths["val.bin"], "wb") as val_file:
+        files = {"train": train_file, "val": val_file}
+        for text, ids in _encoded(texts, tokenizer.encode, data.num_proc):
+            split = "val" if in_validation(text, data.val_fraction) else "train"
+            files[split].write(np.asarray(ids + [tokenizer.eos_token_id], dtype).tobytes())
+            counts[split]["tokens"] += len(ids) + 1
+            counts[split]["documents"] += 1
+    return counts
+
+
+def _encoded(texts: Iterator[str], encode: Callable[[str], list[int]], threads: int,
+             chunk: int = 16) -> Iterator[tuple[str, list[int]]]:
+    """(text, encode(text)) in order, encoded by `threads` threads in chunks of documents, a bounded window ahead."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        while True:
+            group = [text for _, text in zip(range(chunk), texts)]
+            if group:
+                pending.append((group, pool.submit(lambda g: [encode(t) for t in g], group)))
+            while pending and (len(pending) > 2 * threads or not group):
+                done, future = pending.popleft()
+                yield from zip(done, future.result())
+            if not group:
+                return
+
+
 def _remove_abandoned(directory: str) -> None:
-    """Delete temporary bins left by a prepare that was killed (its process no longer exists)."""
+    """Delete temporaries left by a prepare that was killed (its process no longer exists)."""
     for path in glob.glob(os.path.join(directory, "*.tmp-*")):
         pid = int(path.rsplit("-", 1)[1]) if path.rsplit("-", 1)[1].isdigit() else None
         try:
@@ -250,6 +283,14 @@ def _remove_abandoned(directory: str) -> None:
             pass
         except PermissionError:
             continue
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    """Delete a temporary file or directory of prepare's own, if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
         os.remove(path)
 
 
@@ -265,13 +306,14 @@ def check_windows(bins: TokenBins, block_size: int) -> None:
                             f"{block_size + 1}; {hint}lower data.block_size or use a larger corpus")
 
 
-def _batches(dataset, progress: bool):
+def _batches(dataset: Any, progress: bool) -> Iterator[dict]:
+    """The documents in batches of {"text": [...]}."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(dataset), desc="writing bins", unit="doc", disable=not progress) as bar:
+    with tqdm(total=len(dataset), desc="tokenizing", unit="doc", disable=not progress) as bar:
         for batch in dataset.iter(batch_size=256):
             yield batch
-            bar.update(len(batch["ids"]))
+            bar.update(len(batch["text"]))
 
 
 def _read_json(path: str) -> dict:
@@ -280,6 +322,11 @@ def _read_json(path: str) -> dict:
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.block_size = 1024  # tokens per training sequence (T)
     c.data.val_fraction = 0.005  # share of documents held out for validation, by a stable hash of their text
     c.data.cache_dir = "~/.cache/gpt2jax/data"  # where token bins are kept, keyed by source + tokenizer + split
-    c.data.num_proc = 2  # tokenizer worker processes
+    c.data.num_proc = 2  # tokenizer threads (tiktoken runs without the GIL; nothing is forked)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 6e-4  # peak learning rate

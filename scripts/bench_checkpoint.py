@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.config import GPT2Config, base_config
+from gpt2jax.config import GPT2Config
+from gpt2jax.experiment import base_config
 from gpt2jax.model import GPT2LMHeadModule
-from gpt2jax.modeling import init_params
+from gpt2jax.model import init_params
 from gpt2jax.train import init_state, make_optimizer, pmapped_steps, replicate, shard_batch, to_global
 
 

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from gpt2jax import data
+from gpt2jax import data, sources
 from gpt2jax.batches import BatchSampler
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 from gpt2jax.tokenizer import GPT2Tokenizer
 
 
@@ -27,13 +27,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=1024)
     args = parser.parse_args()
 
-    documents = data.pystdlib_documents()
+    documents = sources.pystdlib_documents()
     megabytes = sum(len(d.encode("utf-8")) for d in documents) / 1e6
     encoding = GPT2Tokenizer.from_pretrained("gpt2")._encoding
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         with open(f"{tmp}/plain.bin", "wb") as f:
-            for doc in data.pystdlib_documents():
+            for doc in sources.pystdlib_documents():
                 np.asarray(encoding.encode(doc, allowed_special="all") + [50256], np.uint16).tofile(f)
         plain_s = time.perf_counter() - start
 

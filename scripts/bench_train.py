@@ -18,7 +18,8 @@ import torch
 import transformers
 from bench_pair import versions
 
-from gpt2jax.config import GPT2Config, base_config
+from gpt2jax.config import GPT2Config
+from gpt2jax.experiment import base_config
 from gpt2jax.model import GPT2LMHeadModule
 from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.train import init_state, make_optimizer, pmapped_steps, replicate, shard_batch

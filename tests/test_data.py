@@ -1,8 +1,10 @@
 """prepare (datasets -> token bins) and the deterministic batch sampler."""
 
 import functools
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -10,9 +12,9 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from gpt2jax import UserError, data
+from gpt2jax import UserError, data, sources
 from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 from gpt2jax.tokenizer import GPT2Tokenizer, load_tokenizer
 
 DOCS = [open(m.__file__, encoding="utf-8").read() for m in (json, os, subprocess)] + [
@@ -80,14 +82,162 @@ def test_split_is_by_content_not_order(tmp_path):
     assert a.meta["splits"] == b.meta["splits"]
 
 
-def test_prepare_twice_is_a_no_op(tmp_path, jsonl_dir, monkeypatch):
+def file_stamps(directory):
+    return {f: (os.stat(os.path.join(directory, f)).st_ino, os.stat(os.path.join(directory, f)).st_mtime_ns)
+            for f in os.listdir(directory)}
+
+
+def test_prepare_twice_is_a_no_op(tmp_path, jsonl_dir, monkeypatch, capsys):
     config = data_config(tmp_path, jsonl_dir)
     first = data.prepare(config, progress=False)
-    stamps = {f: os.path.getmtime(os.path.join(first.directory, f)) for f in os.listdir(first.directory)}
+    assert set(first.meta["files"]) == {"train.bin", "val.bin"} and first.meta["format_version"] == 2
+    stamps = file_stamps(first.directory)
+    capsys.readouterr()
     monkeypatch.setattr(data, "load_documents", lambda *a: pytest.fail("prepare ran again"))
+    monkeypatch.setattr(data, "_write_bins", lambda *a: pytest.fail("prepare tokenized again"))
     second = data.prepare(config, progress=False)
     assert second.directory == first.directory and second.meta == first.meta
-    assert {f: os.path.getmtime(os.path.join(first.directory, f)) for f in os.listdir(first.directory)} == stamps
+    assert file_stamps(first.directory) == stamps  # not rewritten, not even meta.json
+    assert capsys.readouterr().err == ""
+
+
+def corrupt_middle_chunk(path):
+    """Flip the bytes of the sampled chunk in the middle of a file too large to be hashed whole, keeping its size."""
+    size = os.path.getsize(path)
+    assert size > data.CHECKSUM_CHUNKS * data.CHECKSUM_CHUNK_BYTES  # sampled, not read whole
+    offset = (data.CHECKSUM_CHUNKS // 2) * (size - data.CHECKSUM_CHUNK_BYTES) // (data.CHECKSUM_CHUNKS - 1)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        chunk = f.read(data.CHECKSUM_CHUNK_BYTES)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("damage, message", [
+    pytest.param(lambda d: truncate(d / "train.bin", 500), r"train\.bin is 500 bytes, meta\.json says [\d,]+; rebuil",
+                 id="truncated"),
+    pytest.param(lambda d: open(d / "val.bin", "ab").write(b"\0\0"), r"val\.bin is [\d,]+ bytes, meta\.json says",
+                 id="appended"),
+    pytest.param(lambda d: corrupt_middle_chunk(d / "train.bin"), r"train\.bin changed since it was written \(",
+                 id="same-size"),
+    pytest.param(lambda d: os.remove(d / "val.bin"), r"val\.bin is missing", id="missing"),
+    pytest.param(lambda d: (d / "meta.json").write_text('{"splits": '), r"meta\.json is unreadable \(JSONDecodeError",
+                 id="meta-truncated"),
+    pytest.param(lambda d: (d / "meta.json").write_text("[]"), r"meta\.json is unreadable \(AttributeError",
+                 id="meta-a-list"),
+])
+def test_damaged_bins_are_detected_and_rebuilt(tmp_path, jsonl_dir, monkeypatch, capsys, damage, message):
+    monkeypatch.setattr(data, "CHECKSUM_CHUNK_BYTES", 64)  # sample 64 chunks of 64 bytes: these bins are larger
+    config = data_config(tmp_path, jsonl_dir)
+    first = data.prepare(config, progress=False)
+    expected = {split: first.tokens(split).tolist() for split in ("train", "val")}
+    damage(tmp_path / "cache" / os.path.basename(first.directory))
+    capsys.readouterr()
+    again = data.prepare(config, progress=False)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and first.directory in err, err
+    assert {split: again.tokens(split).tolist() for split in ("train", "val")} == expected
+    assert again.meta == first.meta and sorted(os.listdir(again.directory)) == ["meta.json", "train.bin", "val.bin"]
+    capsys.readouterr()
+    assert data.prepare(config, progress=False).meta == first.meta and capsys.readouterr().err == ""
+
+
+def test_bin_checksum_reads_size_and_evenly_spaced_chunks(tmp_path):
+    path = tmp_path / "big.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(5 * data.CHECKSUM_CHUNKS * data.CHECKSUM_CHUNK_BYTES))
+    original = data.bin_checksum(path)
+    chunk = data.CHECKSUM_CHUNK_BYTES
+    gap = (os.path.getsize(path) - chunk) // (data.CHECKSUM_CHUNKS - 1)
+    for offset in (0, 3 * gap + chunk // 2, os.path.getsize(path) - 1):  # first, a middle and the last chunk
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 1]))
+        assert data.bin_checksum(path) != original
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(byte)
+        assert data.bin_checksum(path) == original
+    with open(path, "r+b") as f:  # between two chunks: not read, the price of a cheap check
+        f.seek(3 * gap + chunk + 10)
+        f.write(b"changed")
+    assert data.bin_checksum(path) == original
+    truncate(path, os.path.getsize(path) - 1)
+    assert data.bin_checksum(path) != original
+    zeros = tmp_path / "zeros.bin"  # every chunk alike wherever it is read: only the size tells a truncation
+    zeros.write_bytes(bytes(3 * data.CHECKSUM_CHUNKS * data.CHECKSUM_CHUNK_BYTES))
+    full = data.bin_checksum(zeros)
+    truncate(zeros, os.path.getsize(zeros) - data.CHECKSUM_CHUNK_BYTES)
+    assert data.bin_checksum(zeros) != full
+
+
+def format_1_key(config):
+    """The directory key format-1 prepare used."""
+    settings = {"version": 1, "source": data.source_fingerprint(config), "tokenizer": config.tokenizer,
+                "val_fraction": config.val_fraction}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_format_1_bins_are_reused_and_get_checksums(tmp_path, jsonl_dir, monkeypatch, capsys):
+    config = data_config(tmp_path, jsonl_dir)
+    current = data.prepare(config, progress=False)
+    assert current.directory.endswith(format_1_key(config))  # format-1 directories are found
+    meta_path = os.path.join(current.directory, "meta.json")
+    format_1 = {k: v for k, v in current.meta.items() if k != "files"} | {"format_version": 1}
+    with open(meta_path, "w") as f:
+        json.dump(format_1, f)
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "load_documents", lambda *a: pytest.fail("prepare ran again"))
+        reused = data.prepare(config, progress=False)
+    assert reused.meta == current.meta and data._read_json(meta_path) == current.meta  # upgraded in place
+    with open(meta_path, "w") as f:
+        json.dump(format_1, f)
+    with monkeypatch.context() as patched:  # a read-only cache: used as it is
+        patched.setattr(data, "_write_json_atomic", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+        assert data.prepare(config, progress=False).meta == format_1 and capsys.readouterr().err == ""
+    with open(meta_path, "w") as f:
+        json.dump(format_1, f)
+    truncate(os.path.join(current.directory, "train.bin"), 100)  # format 1 had no sizes: checked by token count
+    rebuilt = data.prepare(config, progress=False)
+    assert "train.bin is 100 bytes" in capsys.readouterr().err
+    assert rebuilt.meta == current.meta and len(rebuilt.tokens("train")) == current.num_tokens("train")
+
+
+def test_damaged_bins_that_cannot_be_rebuilt_are_a_user_error(tmp_path, jsonl_dir):
+    config = data_config(tmp_path, jsonl_dir)
+    bins = data.prepare(config, progress=False)
+    meta_path = os.path.join(bins.directory, "meta.json")
+    os.remove(meta_path)
+    os.mkdir(meta_path)  # something that is not prepare's: not removed
+    with pytest.raises(UserError, match=r"meta\.json is unreadable \(IsADirectoryError.*cannot rebuild it") as info:
+        data.prepare(config, progress=False)
+    assert "\n" not in str(info.value) and os.path.isdir(meta_path)
+
+
+def test_prepare_forks_nothing_once_jax_runs(tmp_path, jsonl_dir):
+    """JAX warns that os.fork() in its multithreaded process will likely deadlock: prepare must not fork."""
+    config = data_config(tmp_path, jsonl_dir, num_proc=3)
+    script = f"""
+import os, sys
+import jax
+jax.devices()
+os.register_at_fork(before=lambda: os.write(2, b"FORKED\\n"))
+from gpt2jax import data
+from gpt2jax.experiment import base_config
+c = base_config().data
+c.dataset, c.cache_dir, c.block_size, c.val_fraction, c.num_proc = {str(jsonl_dir)!r}, {config.cache_dir!r}, 16, 0.2, 3
+print(data.prepare(c, progress=False).meta["splits"]["train"]["documents"])
+"""
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", script],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and int(result.stdout) > 0, result.stderr
+    assert "fork" not in result.stderr.lower(), result.stderr
 
 
 def test_changed_settings_use_another_directory(tmp_path, jsonl_dir):
@@ -102,7 +252,7 @@ def test_prepare_killed_midway_leaves_nothing_that_counts(tmp_path, jsonl_dir):
     script = f"""
 import os, sys
 from gpt2jax import data
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 original = data._batches
 def dying(dataset, progress):
     for i, batch in enumerate(original(dataset, progress)):
@@ -246,9 +396,9 @@ def test_vocab_over_65536_tokens_makes_uint32_bins(tmp_path, extra, dtype):
 
 
 def test_pystdlib_corpus(tmp_path):
-    docs = data.pystdlib_documents()
+    docs = sources.pystdlib_documents()
     assert len(docs) > 500 and sum(map(len, docs)) > 10_000_000
-    assert any("def " in d for d in docs[:50]) and docs == data.pystdlib_documents()
+    assert any("def " in d for d in docs[:50]) and docs == sources.pystdlib_documents()
     bins = data.prepare(data_config(tmp_path, "pystdlib", tokenizer="byte", val_fraction=0.05, num_proc=2),
                         progress=False)
     expected = sum(len(d.encode("utf-8")) + 1 for d in docs)
@@ -266,7 +416,7 @@ def write(path, text):
     [
         (lambda p: p / "missing", {}, "no such file"),
         (lambda p: (p / "empty").mkdir() or p / "empty", {}, "no such file, or no"),
-        (lambda p: write(p / "e.jsonl", ""), {}, "could not be loaded|has no documents"),
+        (lambda p: write(p / "e.jsonl", ""), {}, "has no documents"),
         (lambda p: write(p / "s.jsonl", '{"text": "tiny"}\n'), {"val_fraction": 0.0}, "fewer than one window"),
         (lambda p: write(p / "c.jsonl", '{"body": "x"}\n'), {}, "text_column='text'"),
         (lambda p: write(p / "x.csv", "a\n"), {}, "unsupported file types"),
@@ -283,6 +433,133 @@ def test_bad_sources_fail_in_one_line_and_write_nothing(tmp_path, monkeypatch, m
     cache = tmp_path / "cache"
     written = [f for _, _, files in os.walk(cache) for f in files if f.endswith((".bin", "meta.json"))]
     assert written == []
+
+
+def corpus_with(tmp_path, name, content):
+    """A directory of good .jsonl (or whatever `name` is) files plus `name` holding `content` (str or bytes)."""
+    directory = tmp_path / "corpus"
+    directory.mkdir(exist_ok=True)
+    ext = os.path.splitext(name)[1]
+    if ext == ".jsonl":
+        write(directory / "good.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    (directory / name).parent.mkdir(exist_ok=True)
+    (directory / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return directory
+
+
+def parquet(path, values, type_=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array(values, type_)}), path)
+    return path
+
+
+def tokenizer_dir(tmp_path, vocab):
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    vocab(directory / "vocab.json")
+    return {"tokenizer": str(directory)}
+
+
+def unwritable_dir(tmp_path):
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    directory.chmod(0o555)
+    if os.access(directory, os.W_OK):  # root writes anyway; nobody may create in sysfs
+        return "/sys/kernel/gpt2jax-cache"
+    return str(directory)
+
+
+def unreadable(path):
+    path.chmod(0)
+    return path
+
+
+not_root = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
+GOOD_JSONL = lambda p: write(p / "good.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+
+
+@pytest.mark.parametrize("make, changes, message", [
+    pytest.param(lambda p: corpus_with(p, "bad.jsonl", '{"text": "fine"}\n{"text": broken\n'), None,
+                 r"could not be loaded from local files: .*/corpus/bad\.jsonl: ArrowInvalid: JSON parse error",
+                 id="malformed"),
+    pytest.param(lambda p: write(p / "n.jsonl", '{"text": 1}\n{"text": 2}\n'), None,
+                 r"data\.text_column='text' of '.*n\.jsonl' holds int64 values, not text", id="numbers"),
+    pytest.param(lambda p: write(p / "m.jsonl", '{"text": "some text"}\n{"text": 5}\n'), None,
+                 r"holds Json values, not text", id="strings-and-numbers"),
+    pytest.param(lambda p: write(p / "l.jsonl", '{"text": ["a list"]}\n'), None, r"holds List values", id="lists"),
+    pytest.param(lambda p: write(p / "z.jsonl", '{"text": "some text"}\n{"text": null}\n{"text": null}\n'), None,
+                 r"data\.text_column='text' of .* is null in 2 row\(s\), the first is row 1", id="nulls"),
+    pytest.param(lambda p: write(p / "a.jsonl", '{"text": null}\n'), None, r"holds null values", id="all-null"),
+    pytest.param(lambda p: corpus_with(p, "u.jsonl", b'{"text": "caf\xe9 \xff"}\n'), None,
+                 r"data\.dataset=.*: a document is not valid UTF-8 \(UnicodeDecodeError: 'utf-8' codec",
+                 id="utf8-jsonl"),
+    pytest.param(lambda p: corpus_with(p, "u.txt", b"caf\xe9\n"), None,
+                 r"could not be loaded from local files: .*/u\.txt: UnicodeDecodeError", id="utf8-txt"),
+    pytest.param(lambda p: write(p / "e.txt", ""), None, r"data\.dataset=.*e\.txt' has no documents$", id="empty-txt"),
+    pytest.param(lambda p: write(p / "b.jsonl", "\n\n"), None, r"b\.jsonl' has no documents$", id="blank-jsonl"),
+    pytest.param(lambda p: parquet(p / "e.parquet", [], None), None,
+                 r"has no documents \(its \.parquet files have no rows\)", id="empty-parquet"),
+    pytest.param(lambda p: write(p / "z.parquet", ""), None,
+                 r"z\.parquet: not a readable \.parquet file \(ArrowInvalid: Parquet file size is 0 bytes\)",
+                 id="zero-byte-parquet"),
+    pytest.param(lambda p: parquet(p / "b.parquet", [b"bytes"]), None, r"holds binary values", id="binary-parquet"),
+    pytest.param(lambda p: corpus_with(p, "x.txt", "") and os.symlink(p / "gone.txt", p / "corpus" / "y.txt")
+                 or p / "corpus", None, r"corpus/y\.txt: not a readable file \(a broken link", id="broken-link"),
+    pytest.param(lambda p: unreadable(corpus_with(p, "u.jsonl", '{"text": "x"}') / "u.jsonl").parent, None,
+                 r"u\.jsonl: not a readable file", id="unreadable-file", marks=not_root),
+    pytest.param(lambda p: unreadable(corpus_with(p, "sub/x.jsonl", '{"text": "x"}') / "sub").parent, None,
+                 r"corpus/sub: cannot be listed \(Permission denied\)", id="unlistable-dir", marks=not_root),
+    pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text('{"a": 0,')),
+                 r"data\.tokenizer='.*tok': not a usable tokenizer directory \(JSONDecodeError", id="broken-vocab"),
+    pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text("[1, 2]")),
+                 r"not a usable tokenizer directory \(AttributeError", id="vocab-a-list"),
+    pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.mkdir()),
+                 r"tok: no vocab\.json \+ merges\.txt and no tokenizer\.json", id="vocab-a-directory"),
+    pytest.param(GOOD_JSONL, lambda p: {"cache_dir": str(write(p / "cachefile", ""))},
+                 r"data\.cache_dir='.*cachefile': cannot create .* \(NotADirectoryError", id="cache-dir-a-file"),
+    pytest.param(GOOD_JSONL, lambda p: {"cache_dir": unwritable_dir(p)},
+                 r"data\.cache_dir='.*': cannot create .* \(PermissionError", id="cache-dir-unwritable"),
+    pytest.param(GOOD_JSONL, lambda p: {"cache_dir": " "}, r"data\.cache_dir must name a directory",
+                 id="cache-dir-empty"),
+    pytest.param(lambda p: "", None, r"data\.dataset must name a source", id="dataset-empty"),
+    pytest.param(GOOD_JSONL, lambda p: {"text_sample_by": "sentence"},
+                 r"data\.text_sample_by='sentence' is not one of paragraph, document, line", id="sample-by"),
+    pytest.param(GOOD_JSONL, lambda p: {"num_proc": 0}, r"data\.num_proc \(tokenizer threads\) must be >= 1",
+                 id="num-proc"),
+    pytest.param(GOOD_JSONL, lambda p: {"block_size": 0}, r"data\.block_size must be positive, got 0", id="block-size"),
+])
+def test_hostile_inputs_fail_in_one_line_and_leave_nothing(tmp_path, make, changes, message):
+    dataset = make(tmp_path)
+    config = data_config(tmp_path, dataset, **(changes(tmp_path) if changes else {}))
+    with pytest.raises(UserError, match=message) as info:
+        data.prepare(config, progress=False)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    cache = config.cache_dir
+    if cache.startswith(str(tmp_path)) and os.path.isdir(cache):
+        assert [os.path.join(d, f) for d, dirs, files in os.walk(cache) for f in dirs + files] == []
+
+
+def test_malformed_jsonl_names_its_file_and_the_underlying_error(tmp_path, capfd):
+    """Not datasets' DatasetGenerationError ("An error occurred while generating the dataset"): what it wraps."""
+    corpus = corpus_with(tmp_path, "part2.jsonl", '{"text": "fine"}\n{"text": "unterminated}\n')
+    with pytest.raises(UserError) as info:
+        data.prepare(data_config(tmp_path, corpus), progress=False)
+    prefix = f"data.dataset={str(corpus)!r}: could not be loaded from local files: {corpus / 'part2.jsonl'}: "
+    assert str(info.value).startswith(prefix)
+    assert re.fullmatch(r"ArrowInvalid: JSON parse error: [^\n]+ in row 1", str(info.value)[len(prefix):])
+    assert capfd.readouterr().err == ""  # datasets' own error line would repeat it
+
+
+def test_parquet_files_without_rows_are_skipped(tmp_path):
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    parquet(directory / "a.parquet", [])
+    parquet(directory / "b.parquet", DOCS)
+    bins = data.prepare(data_config(tmp_path, directory, tokenizer="byte", val_fraction=0.0), progress=False)
+    assert bins.meta["splits"]["train"]["documents"] == len(DOCS)
 
 
 def test_block_size_larger_than_val_split(tmp_path):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.config import base_config
+from gpt2jax.experiment import base_config
 from gpt2jax.train import (
     TrainState, global_replicated_sharding, init_state, learning_rate_schedule, make_optimizer, replicate, to_global,
 )

@@ -30,6 +30,7 @@ def _number(kind: type, low: float, inclusive: bool = True):
 
 
 positive_int, non_negative_int, positive_float = _number(int, 1), _number(int, 0), _number(float, 0, False)
+COMPILING_COMMANDS = ("train", "sample", "eval", "bench", "sweep")  # these use the persistent compilation cache
 
 
 class Parser(argparse.ArgumentParser):
@@ -256,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command in COMPILING_COMMANDS:
+            from gpt2jax.perf import enable_compilation_cache
+
+            enable_compilation_cache()
         return args.handler(args) or 0
     except BrokenPipeError:  # `gpt2jax compare runs/* | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -9,6 +9,7 @@ n x n x n matmul measured on the spot, and the source is reported next to the nu
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Callable
@@ -79,3 +80,21 @@ def chips() -> int:
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak (of all chips counted)."""
     return tokens_per_s * flops_per_token / peak_flops_per_second
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache, so a second `gpt2jax sample` or `train` of the same
+    shapes reads its executables instead of compiling them again. `GPT2JAX_COMPILATION_CACHE` names the
+    directory (default ~/.cache/gpt2jax/jax); "off" turns it off. Returns the directory, or None."""
+    setting = os.environ.get("GPT2JAX_COMPILATION_CACHE", "~/.cache/gpt2jax/jax")
+    if setting.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    directory = os.path.expanduser(setting)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:  # an unusable cache is no reason to fail: it only costs compile time
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory

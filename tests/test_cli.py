@@ -131,3 +131,19 @@ def test_bench_reports_throughput_and_mfu():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gpt2 (124.4M) float32" in result.stdout and "forward 1x8:" in result.stdout and "MFU" in result.stdout
 
+
+
+def test_a_second_sample_of_the_same_shapes_compiles_nothing(hf_dir, tmp_path):
+    """The persistent compilation cache: the second process adds no executable and prints the same text."""
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "GPT2JAX_COMPILATION_CACHE": str(cache)}
+    args = [sys.executable, "-m", "gpt2jax.cli", "sample", "--model", hf_dir, "--prompt", "Hello", "--greedy",
+            "--max-new-tokens", "8"]
+    first = subprocess.run(args, capture_output=True, text=True, env=env)
+    entries = sorted(os.listdir(cache))
+    assert first.returncode == 0 and entries, first.stderr[-2000:]
+    second = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert sorted(os.listdir(cache)) == entries
+    off = subprocess.run(args, capture_output=True, text=True, env={**env, "GPT2JAX_COMPILATION_CACHE": "off"})
+    assert off.returncode == 0 and off.stdout == first.stdout and sorted(os.listdir(cache)) == entries

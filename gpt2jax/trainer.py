@@ -40,6 +40,13 @@ from gpt2jax.train import (TrainState, global_replicated_sharding, init_state, m
                            replicate, shard_batch, to_global, unreplicate_to_host)
 
 
+def host_sync() -> Any:
+    """Marks the loop's host syncs (its actions): device-to-host transfers are allowed inside. Run under
+    `jax.transfer_guard_device_to_host("disallow_explicit")` on an accelerator, the loop proves it has no
+    others (scripts/gpu_check.sh does; CPU arrays are never transferred, so the guard sees nothing there)."""
+    return jax.transfer_guard_device_to_host("allow")
+
+
 class StopSignals:
     """SIGTERM and SIGINT set `received` instead of killing: the loop finishes its step, saves and stops."""
 
@@ -70,7 +77,8 @@ class StopSignals:
         """The signal, once any process has seen one (a collective: every process must call it)."""
         from jax.experimental import multihost_utils
 
-        seen = multihost_utils.process_allgather(np.array(self.received or 0, np.int32))
+        with host_sync():
+            seen = multihost_utils.process_allgather(np.array(self.received or 0, np.int32))
         return int(seen.max()) or None
 
 
@@ -131,12 +139,13 @@ def run_training(
     run in `workdir` from the latest checkpoint of another run directory (state, optimizer and step).
     Raises `Stopped` after SIGTERM / SIGINT (or whatever `stop_signals` reports) once the checkpoint of
     the current step is saved. Returns the last metrics."""
-    plan = plan_run(config, workdir, overwrite, fork_from, progress)
     t = config.train
     with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(stop_signals or StopSignals())
-        run = Run(plan, workdir, stack, progress)
-        start, p_state = run.restore()
+        with host_sync():  # setting up may read device values; the loop below only at its actions
+            plan = plan_run(config, workdir, overwrite, fork_from, progress)
+            stop = stack.enter_context(stop_signals or StopSignals())
+            run = Run(plan, workdir, stack, progress)
+            start, p_state = run.restore()
         batches = stack.enter_context(contextlib.closing(
             Prefetcher(lambda step: shard_batch(run.sampler(step)), start_step=start)))
         for step in range(start, t.max_steps):
@@ -239,7 +248,8 @@ class Run:
 
     def log(self, done: int) -> None:
         """Fetch the pending metrics (the host sync), refuse non-finite values, write and show them."""
-        host = jax.device_get(self.pending)
+        with host_sync():
+            host = jax.device_get(self.pending)
         self.last = summarize(host, done, self.timed_steps, time.perf_counter() - self.interval_start,
                               self.tokens_per_step, self.flops_per_token, self.peak.flops_per_second * perf.chips(),
                               self.peak.source)
@@ -258,7 +268,8 @@ class Run:
         return bool(self.val) and (done % self.t.eval_every == 0 or done == self.t.max_steps)
 
     def evaluate(self, done: int, replicated_params: Any) -> float:
-        val_loss = float(np.mean([np.asarray(self.p_eval(replicated_params, b))[0] for b in self.val]))
+        with host_sync():
+            val_loss = float(np.mean([np.asarray(self.p_eval(replicated_params, b))[0] for b in self.val]))
         self.last["val_loss"] = val_loss
         self.log_file.metrics(done, "val", {"loss": val_loss, "perplexity": float(np.exp(val_loss)),
                                             "tokens_seen": done * self.tokens_per_step})
@@ -266,12 +277,14 @@ class Run:
 
     def sample(self, done: int, replicated_params: Any) -> None:
         if self.main:
-            text = sample_text(self.plan.model, replicated_params, self.plan.tokenizer, self.t, seed=done)
+            with host_sync():
+                text = sample_text(self.plan.model, replicated_params, self.plan.tokenizer, self.t, seed=done)
             self.log_file.sample(done, self.t.sample_prompt, text)
 
     def save(self, done: int, p_state: TrainState, val_loss: float | None) -> None:
-        self.checkpoints.save(done, to_global(p_state), data={"step": done, "seed": self.t.seed},
-                              config=self.plan.resolved, meta={"loss": self.last.get("loss")}, val_loss=val_loss)
+        with host_sync():
+            self.checkpoints.save(done, to_global(p_state), data={"step": done, "seed": self.t.seed},
+                                  config=self.plan.resolved, meta={"loss": self.last.get("loss")}, val_loss=val_loss)
 
     def finished(self) -> None:
         self.status.finish()

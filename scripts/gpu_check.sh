@@ -60,6 +60,18 @@ for dtype in ("bfloat16", "float32"):
     print(f"{dtype} 124M 16x1024 forward attention: {sorted(set(flash)) or 'XLA (no cuDNN fused attention)'}")
 EOF
 
+section "the train loop reads device values only in its actions (transfer guard on the GPU)"
+$PY - "$GPT2JAX_CACHE" <<'EOF' 2>&1 | tail -3 | tee -a "$REPORT"
+import sys, tempfile, jax
+from gpt2jax.experiment import load_config
+from gpt2jax.trainer import run_training
+config = load_config("experiments/smoke.py", [f"--config.data.cache_dir={sys.argv[1]}", "--config.train.log_every=10",
+                                              "--config.train.max_steps=30"])
+with jax.transfer_guard_device_to_host("disallow_explicit"):
+    run_training(config, tempfile.mkdtemp() + "/run", progress=False)
+print("OK: no device-to-host transfer between log steps (30 steps, log every 10)")
+EOF
+
 section "gpt2jax bench: 124M bf16 forward and train step, 16 x 1024"
 gpt2jax bench --size gpt2 --dtype bfloat16 --what forward train --batch 16 --seq 1024 --repeats 5 2>&1 | tee -a "$REPORT"
 

@@ -296,3 +296,4 @@ def test_bfloat16_compute_trains_like_float32(smoke_run, cache_dir, tmp_path):
     assert any(a["loss"] != b["loss"] for a, b in zip(bf16, fp32))  # it did compute in bfloat16
     model = GPT2LMHeadModel.from_pretrained(run_dir)
     assert model.config.dtype == "bfloat16" and all(p.dtype == jnp.float32 for p in model.parameters())
+

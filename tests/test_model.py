@@ -272,9 +272,11 @@ def test_causal_fast_path_equals_the_masked_path_forward_and_gradients():
 
 
 @pytest.mark.parametrize("dtype, expected", [("float32", "HIGHEST"), ("bfloat16", None)])
-def test_float32_means_float32_matmuls(dtype, expected):
-    """float32 compute traces every matmul (forward and backward) at HIGHEST precision; bfloat16 at the default.
-    (XLA on GPUs and TPUs would otherwise run float32 matmuls in reduced precision.)"""
+def test_float32_means_float32_matmuls(dtype, expected, monkeypatch):
+    """float32 compute traces every matmul (forward and backward) at HIGHEST precision on an accelerator
+    (XLA on GPUs and TPUs would otherwise run float32 matmuls in reduced precision); bfloat16 at the
+    default. Traced as if on a GPU: on CPUs float32 matmuls are exact by default."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     from jaxpr_tools import iter_eqns
 
     from gpt2jax.model import next_token_loss

@@ -11,6 +11,7 @@ import argparse
 import os
 import shlex
 import sys
+from typing import Any
 
 
 def _number(kind: type, low: float, inclusive: bool = True):
@@ -58,11 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpt2jax", description="GPT-2 in JAX/Flax.")
     parser.add_argument("--version", action="version", version=f"gpt2jax {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for add in (add_prepare, add_train, add_eval, add_export, add_compare, add_sweep, add_bench, add_sample):
+        add(commands)
+    return parser
 
+
+def add_prepare(commands: Any) -> None:
     prepare = commands.add_parser("prepare", help="tokenize an experiment's dataset into token bins")
     prepare.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
     prepare.set_defaults(handler=run_prepare)
 
+
+def add_train(commands: Any) -> None:
     train = commands.add_parser("train", help="train (or resume) an experiment into a run directory")
     train.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
     train.add_argument("--workdir", required=True, help="run directory, e.g. runs/NAME")
@@ -75,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new run in --workdir from RUN_DIR's latest checkpoint, with this config")
     train.set_defaults(handler=run_train)
 
+
+def add_eval(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run or HF model")
     add_model_source(evaluate)
     evaluate.add_argument("--data", help="a text file (default: the run's validation split)")
@@ -83,18 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most this many batches")
     evaluate.set_defaults(handler=run_eval)
 
+
+def add_export(commands: Any) -> None:
     export = commands.add_parser("export", help="write a run's checkpoint as a Hugging Face GPT-2 directory")
     export.add_argument("--run", required=True, help="a gpt2jax run directory")
     export.add_argument("--step", default="latest", help="latest (default), best, or a step number")
     export.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
     export.set_defaults(handler=run_export)
 
+
+def add_compare(commands: Any) -> None:
     compare = commands.add_parser("compare", help="compare runs: differing config keys, losses, speed")
     compare.add_argument("runs", nargs="+", help="run directories (shell globs such as runs/* work)")
     compare.add_argument("--format", default="table", choices=["table", "markdown", "csv", "json"])
     compare.add_argument("--plot", metavar="PNG", help="also plot loss against tokens and wall time")
     compare.set_defaults(handler=run_compare)
 
+
+def add_sweep(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="train a grid of configs one after another, then compare them")
     sweep.add_argument("--config", required=True, help="experiments/NAME.py; --config.GROUP.KEY=VALUE overrides")
     sweep.add_argument("--grid", action="append", required=True, help="KEY=[V1,V2,...]; repeat for more axes")
@@ -103,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true")
     sweep.set_defaults(handler=run_sweep)
 
+
+def add_bench(commands: Any) -> None:
     bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU")
     bench.add_argument("--size", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     bench.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
@@ -116,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3)
     bench.set_defaults(handler=run_bench)
 
+
+def add_sample(commands: Any) -> None:
     sample = commands.add_parser("sample", help="sample text from a model")
     add_model_source(sample)
     sample.add_argument("--prompt", required=True, help="text to continue")
@@ -129,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stream", action="store_true", help="print text as it is generated")
     sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
     sample.set_defaults(handler=run_sample)
-    return parser
 
 
 def run_prepare(args: argparse.Namespace) -> None:
@@ -184,7 +203,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, read_runs
+    from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot
+    from gpt2jax.records import read_runs
 
     if args.plot is not None:
         check_plot_path(args.plot)  # before any run is read or anything printed
@@ -196,7 +216,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from gpt2jax.compare import compare_rows, format_rows, read_runs
+    from gpt2jax.compare import compare_rows, format_rows
+    from gpt2jax.records import read_runs
     from gpt2jax.errors import Stopped
     from gpt2jax.sweep import sweep
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from gpt2jax import UserError
-from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, read_run, read_runs, training_time
+from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, training_time
+from gpt2jax.records import read_run, read_runs
 from gpt2jax.experiment import load_config
 from gpt2jax.sweep import expand_grid, sweep
 

@@ -297,13 +297,10 @@ def test_greedy_is_argmax_over_the_whole_vocabulary():
 
 
 @dataclasses.dataclass(frozen=True)
-class UniformDecoder:
+class UniformDecoder(CountingDecoder):
     """Fake model: equal logits for every token, so each draw depends on its step's key alone."""
 
     vocab_size: int = 1000
-
-    def init_cache(self, batch_size, length):
-        return jnp.zeros((), jnp.int32)
 
     def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
         return jnp.zeros((tokens_BxT.shape[0], self.vocab_size)), cache + 1

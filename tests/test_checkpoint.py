@@ -26,11 +26,6 @@ SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 STEP_LOGGING = ["--config.train.log_every=1", "--config.train.checkpoint_every=5", "--config.train.sample_every=0"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def smoke(cache_dir, *overrides):
     return load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
 

@@ -21,10 +21,10 @@ SHORT = ["--config.train.max_steps=10", "--config.train.eval_every=5", "--config
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cache_dir):
     from gpt2jax.trainer import run_training
 
-    cache = str(tmp_path_factory.mktemp("cache"))
+    cache = cache_dir
     group = tmp_path_factory.mktemp("group")
     settings = {"base": [], "lr": ["--config.optim.lr=1e-3"], "shallow": ["--config.model.n_layer=1"]}
     for name, extra in settings.items():

@@ -21,11 +21,6 @@ SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def smoke(cache_dir, *overrides):
     return load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
 

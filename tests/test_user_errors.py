@@ -7,19 +7,9 @@ import sys
 import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel
-from gpt2jax.data import prepare
-from gpt2jax.experiment import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The smoke experiment's bins, prepared once, outside the directories the cases watch."""
-    directory = str(tmp_path_factory.mktemp("cache"))
-    prepare(load_config(SMOKE, [f"--config.data.cache_dir={directory}"]).data, progress=False)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +20,7 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def places(tmp_path, cache, hf_dir):
+def places(tmp_path, cache_dir, hf_dir):
     """Paths the cases refer to: a file, a non-empty directory, a run whose config.json is broken, ..."""
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
@@ -41,7 +31,7 @@ def places(tmp_path, cache, hf_dir):
     (tmp_path / "raising.py").write_text("def get_config():\n    return 1 / 0\n")
     return {"file": str(tmp_path / "file"), "full": str(tmp_path / "full"), "badrun": str(tmp_path / "badrun"),
             "raising": str(tmp_path / "raising.py"), "new": str(tmp_path / "new"), "smoke": SMOKE,
-            "cache": f"--config.data.cache_dir={cache}", "hf": hf_dir}
+            "cache": f"--config.data.cache_dir={cache_dir}", "hf": hf_dir}
 
 
 TRAIN = ["train", "--config", "{smoke}", "{cache}", "--workdir"]

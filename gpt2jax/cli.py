@@ -156,7 +156,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     from gpt2jax.data import prepare
 
     config = load_config(args.config, args.overrides)
-    bins = prepare(config.data)
+    bins = prepare(config.data, progress=sys.stderr.isatty())
     splits = ", ".join(f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents"
                        for name, s in bins.meta["splits"].items())
     print(f"{bins.directory}: {splits}")

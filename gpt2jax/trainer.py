@@ -101,10 +101,13 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     """Validate and resolve everything a run needs; raises UserError before anything is written."""
     validate_experiment(config, jax.device_count())
     rundir.check_workdir(workdir)
+    if not overwrite and os.path.isfile(os.path.join(workdir, "config.json")):
+        rundir.read_resolved_config(workdir)  # a damaged run is reported before minutes of tokenizing
     if fork_from is not None:
         rundir.check_fork_target(workdir, fork_from)
     removed = rundir.check_overwrite(workdir) if overwrite else []
-    bins = prepare(config.data, progress=progress and jax.process_index() == 0)
+    # data.prepare's bars redraw with carriage returns: on a terminal only
+    bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"])
     resolved = resolve(config, model)

@@ -68,6 +68,11 @@ MUTATIONS = [
       new=("out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None], "
            "scale=1.0 / cfg.head_dim if cfg.compute_dtype == jnp.bfloat16 else None)"),
       tests=["tests/test_model.py::test_bfloat16_logits_close_to_float32_with_peaked_attention"]),
+    M(name="bf16 causal attention scaled by 1/head_dim", file="gpt2jax/model.py",
+      old="jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)",
+      new=("jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True, "
+           "scale=1.0 / cfg.head_dim if cfg.compute_dtype == jnp.bfloat16 else None)"),
+      tests=["tests/test_model.py::test_bfloat16_logits_close_to_float32_with_peaked_attention"]),
     M(name="save_pretrained drops biases and LayerNorms", file="gpt2jax/hf.py",
       old='save_file(to_hf_state_dict(params), path + ".tmp", metadata={"format": "pt"})',
       new=('save_file({k: v for k, v in to_hf_state_dict(params).items() if not k.endswith(".bias") and "ln_" not in k}, '

@@ -95,10 +95,17 @@ def test_greedy_generation_with_eos_matches_transformers_fixture(tiny, expected)
     assert np.all(out[:, stop:] == pad)
 
 
-def test_bfloat16_logits_close_to_float32_with_peaked_attention(tiny):
+@pytest.mark.parametrize("padded", [False, True], ids=["causal path", "masked path"])
+def test_bfloat16_logits_close_to_float32_with_peaked_attention(tiny, padded):
+    """Both attention paths: without a mask (the causal fast path) and with right padding (the masked one)."""
     bf16 = GPT2LMHeadModel(tiny.config.replace(dtype="bfloat16"), params=tiny.params)
     ids = np.random.default_rng(0).integers(0, tiny.config.vocab_size, (4, tiny.config.n_positions))
-    fp32_logits, bf16_logits = np.asarray(tiny(ids).logits), np.asarray(bf16(ids).logits)
+    mask = None
+    if padded:
+        mask = np.ones_like(ids)
+        mask[1:, -5:] = 0
+        ids = ids * mask  # padding tokens are 0; their logits are compared too (they see the real keys)
+    fp32_logits, bf16_logits = np.asarray(tiny(ids, mask).logits), np.asarray(bf16(ids, mask).logits)
     assert bf16_logits.dtype == np.float32
     diff = np.abs(bf16_logits - fp32_logits).max()
     agreement = np.mean(bf16_logits.argmax(-1) == fp32_logits.argmax(-1))

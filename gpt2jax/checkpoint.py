@@ -11,10 +11,12 @@ restore (missing or truncated files) is reported and the previous step is used.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -53,17 +55,18 @@ class Checkpoints:
 
         `val_loss`, when this step was evaluated, ranks it for the best-k policy."""
         meta = {**(meta or {}), "val_loss": val_loss}
-        self.manager.save(
+        with self._writing():  # also reports a failed write of the previous (async) save
+            self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data),
-                config=ocp.args.JsonSave(config),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=None if val_loss is None else {"val_loss": val_loss},
-            force=True,
-        )
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data),
+                    config=ocp.args.JsonSave(config),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=None if val_loss is None else {"val_loss": val_loss},
+                force=True,
+            )
 
     def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """(step, state, data position) of the newest step that restores, shaped like `abstract_state`;
@@ -152,9 +155,33 @@ class Checkpoints:
         self.manager.reload()
         return moved
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A save that fails on the disk (full, a file-size limit, permissions) ends as one UserError; Orbax
+        reports it from its writer thread as a ValueError naming the OS error."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = _os_failure(e)
+            if reason is None:
+                raise
+            raise UserError(f"{self.directory}: a checkpoint could not be written ({reason}); "
+                            f"the steps saved before it are intact: {self.all_steps()}") from None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _os_failure(error: BaseException) -> str | None:
+    """The OS error behind a failed write, as "No space left on device", or None when it was not one."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(found.group(1))) if found else None

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpt2jax.errors import UserError
 
@@ -47,8 +48,9 @@ MODEL_SIZES = {
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -89,11 +91,11 @@ class GPT2Config:
     def validate(self) -> None:
         """Raise `UserError` naming the first inconsistent field (types too: config.json may hold nulls)."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise UserError(f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise UserError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner <= 0):
+        if self.n_inner is not None and (not is_int(self.n_inner) or self.n_inner <= 0):
             raise UserError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
         if self.activation_function not in ACTIVATIONS:
             raise UserError(
@@ -107,7 +109,7 @@ class GPT2Config:
             if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < float("inf"):
                 raise UserError(f"GPT2Config.{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 raise UserError(f"GPT2Config.{name} must be an integer token id, got {getattr(self, name)!r}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise UserError(f"GPT2Config.matmul_precision={self.matmul_precision!r} is not one of "

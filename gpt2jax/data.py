@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from gpt2jax.errors import UserError
+from gpt2jax.rundir import write_json
 from gpt2jax.sources import SAMPLE_BY, describe, load_documents, source_fingerprint
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -124,7 +125,7 @@ def _reuse(directory: str) -> TokenBins | None:
     if damage is None and bins.meta.get("format_version", 1) < FORMAT_VERSION:  # format 1: checksum it from now on
         upgraded = {**bins.meta, "files": _bin_records(directory), "format_version": FORMAT_VERSION}
         with contextlib.suppress(OSError):  # a read-only cache stays usable, checked by size alone
-            _write_json_atomic(meta_path, upgraded)
+            write_json(meta_path, upgraded)
             bins = TokenBins(directory, upgraded)
     if damage is None:
         return bins
@@ -227,7 +228,7 @@ def _build(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, 
             check_windows(TokenBins(directory, meta), data.block_size)
             for name in ("train.bin", "val.bin"):
                 os.replace(temporary[name], os.path.join(directory, name))
-            _write_json_atomic(meta_path, {**meta, "files": _bin_records(directory)})
+            write_json(meta_path, {**meta, "files": _bin_records(directory)})
         except UnicodeDecodeError as e:
             raise UserError(f"data.dataset={data.dataset!r}: a document is not valid UTF-8 ({describe(e)})") from None
         except OSError as e:
@@ -319,14 +320,3 @@ def _batches(dataset: Any, progress: bool) -> Iterator[dict]:
 def _read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json_atomic(path: str, value: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

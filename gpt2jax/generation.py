@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
-from gpt2jax.config import GPT2Config
+from gpt2jax.config import GPT2Config, is_int
 from gpt2jax.errors import UserError
 from gpt2jax.model import GPT2LMHeadModule, init_cache
 
@@ -39,16 +39,16 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.do_sample and not self.temperature > 0:
             raise UserError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise UserError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("eos_token_id", "pad_token_id"):
-            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise UserError(f"{name} must be an integer token id or None, got {getattr(self, name)!r}")
 
     @classmethod
@@ -69,10 +69,6 @@ class GenerationConfig:
         pad = eos if self.pad_token_id is None else self.pad_token_id
         return sampling.SamplingValues(temperature=jnp.float32(self.temperature), top_p=jnp.float32(self.top_p),
                                        eos_token_id=jnp.int32(eos), pad_token_id=jnp.int32(pad))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def to_decode_layout(params: Any, compute_dtype: Any) -> Any:
@@ -166,7 +162,7 @@ def generate_stream(decoding: Decoding, input_ids: Any, attention_mask: Any, gen
                     chunk_size: int) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps; with the same seed the
     chunks concatenate to `generate`'s new tokens."""
-    if not _is_int(chunk_size) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     values = gen.sampling_values(decoding.config.eos_token_id)
     prompts = prepare_prompts(input_ids, attention_mask, decoding.config, gen, int(values.pad_token_id))

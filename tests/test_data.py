@@ -199,7 +199,7 @@ def test_format_1_bins_are_reused_and_get_checksums(tmp_path, jsonl_dir, monkeyp
     with open(meta_path, "w") as f:
         json.dump(format_1, f)
     with monkeypatch.context() as patched:  # a read-only cache: used as it is
-        patched.setattr(data, "_write_json_atomic", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+        patched.setattr(data, "write_json", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
         assert data.prepare(config, progress=False).meta == format_1 and capsys.readouterr().err == ""
     with open(meta_path, "w") as f:
         json.dump(format_1, f)

@@ -2,6 +2,7 @@
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
+from gpt2jax.generation import GenerationConfig
 from gpt2jax.model import GPT2LMHeadModule, GPT2Model
 from gpt2jax.modeling import CausalLMOutput, GPT2LMHeadModel
 from gpt2jax.tokenizer import ByteTokenizer, GPT2Tokenizer, load_tokenizer
@@ -12,6 +13,7 @@ __all__ = [
     "ByteTokenizer",
     "CausalLMOutput",
     "GPT2Config",
+    "GenerationConfig",
     "GPT2LMHeadModel",
     "GPT2LMHeadModule",
     "GPT2Model",

@@ -12,6 +12,7 @@ restore (missing or truncated files) is reported and the previous step is used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -23,6 +24,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from gpt2jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What a restore found: its step, the state tree, and the JSON items that were asked for."""
+
+    step: int
+    state: Any  # the train state, or {"params": ...} from restore_params
+    data: dict | None = None  # the data position (restore_latest_good)
+    config: dict | None = None  # the resolved experiment config (restore_params)
 
 
 class Checkpoints:
@@ -68,13 +79,13 @@ class Checkpoints:
                 force=True,
             )
 
-    def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, data position) of the newest step that restores, shaped like `abstract_state`;
-        None when there is no checkpoint. Broken steps are reported on stderr and skipped."""
+    def restore_latest_good(self, abstract_state: Any) -> Restored | None:
+        """The newest step that restores (state shaped like `abstract_state`, and the data position); None
+        when there is no checkpoint. Broken steps are reported on stderr and skipped."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         found = self._newest_restorable(lambda step: self.manager.restore(step, args=args))
-        return None if found is None else (found[0], found[1].state, found[1].data)
+        return None if found is None else Restored(step=found[0], state=found[1].state, data=found[1].data)
 
     def _newest_restorable(self, restore: Callable[[int], Any], steps: list[int] | None = None):
         """(step, restored) of the newest of `steps` (default: all) that restores; None if there are none."""
@@ -117,8 +128,9 @@ class Checkpoints:
             raise UserError(f"{self.directory}: no checkpoint yet")
         return chosen
 
-    def restore_params(self, step: int | str | None = None) -> tuple[Any, dict, int]:
-        """(params, config, step) without knowing the optimizer: for sampling, eval and export.
+    def restore_params(self, step: int | str | None = None) -> Restored:
+        """A step's params (`.state["params"]`) and resolved config, without knowing the optimizer: for
+        sampling, eval and export.
 
         "latest" falls back to older steps when the newest is unreadable; a named step does not."""
         chosen = self.resolve_step(step)
@@ -126,7 +138,7 @@ class Checkpoints:
             raise UserError(f"{self.directory}: no checkpoint at step {chosen} (have {self.all_steps()})")
         candidates = [s for s in self.all_steps() if s <= chosen] if step in (None, "latest") else [chosen]
         found, restored = self._newest_restorable(self._restore_on_this_host, candidates)
-        return restored.state["params"], restored.config, found
+        return Restored(step=found, state=restored.state, config=restored.config)
 
     def _restore_on_this_host(self, step: int) -> Any:
         """A step's state onto this process's first device, whatever topology wrote it."""

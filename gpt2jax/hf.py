@@ -244,7 +244,8 @@ def export_run(run: str, step: str, out: str) -> int:
     if not rundir.has_checkpoints(run):
         raise UserError(f"{run}: not a gpt2jax run directory (no config.json beside checkpoints/)")
     rundir.read_resolved_config(run)
-    params, resolved, found = Checkpoints(run).restore_params(step)
+    restored = Checkpoints(run).restore_params(step)
+    params, resolved = restored.state["params"], restored.config
     config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"])
     staging = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
     try:
@@ -257,7 +258,7 @@ def export_run(run: str, step: str, out: str) -> int:
             import shutil
 
             shutil.rmtree(staging)
-    return found
+    return restored.step
 
 
 def _write_gpt2_tokenizer_files(directory: str) -> None:

@@ -105,10 +105,11 @@ class GPT2LMHeadModel:
         from gpt2jax.checkpoint import Checkpoints
 
         rundir.read_resolved_config(run_dir)  # one clear error for a damaged config.json, before Orbax reads
-        params, resolved, step = Checkpoints(run_dir).restore_params(step)
+        restored = Checkpoints(run_dir).restore_params(step)
+        resolved = restored.config
         config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"], **overrides)
-        model = cls(config, params=jax.tree.map(jnp.asarray, params))
-        model.run_step, model.run_config = step, resolved
+        model = cls(config, params=jax.tree.map(jnp.asarray, restored.state["params"]))
+        model.run_step, model.run_config = restored.step, resolved
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -122,7 +122,7 @@ def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
     if config.init_from == "scratch":
         return init_params(model, config.train.seed)
     if rundir.has_checkpoints(source):
-        params, _, _ = Checkpoints(source).restore_params("latest")
+        params = Checkpoints(source).restore_params("latest").state["params"]
         return hf.from_hf_state_dict(hf.to_hf_state_dict(params), model)
     return hf.from_hf_state_dict(hf.load_state_dict(source), model)
 
@@ -217,9 +217,9 @@ class Run:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
         source = Checkpoints(self.plan.fork_from) if self.plan.fork_from else self.checkpoints
         found = source.restore_latest_good(target)
-        start = 0 if found is None else found[0]
+        start = 0 if found is None else found.step
         if found is not None:
-            state = found[1]
+            state = found.state
             if self.main:
                 print(f"{'forking ' + self.plan.fork_from if self.plan.fork_from else 'resuming ' + self.workdir} "
                       f"from step {start}")

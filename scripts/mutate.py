@@ -42,7 +42,7 @@ def M(name: str, file: str, old: str, new: str, tests: list[str]) -> Mutation:  
 MUTATIONS = [
     # The five the issue found passing the whole suite.
     M("run-dir load returns a fresh init", "gpt2jax/modeling.py",
-      "model = cls(config, params=jax.tree.map(jnp.asarray, params))", "model = cls(config)",
+      'model = cls(config, params=jax.tree.map(jnp.asarray, restored.state["params"]))', "model = cls(config)",
       ["tests/test_checkpoint.py::test_run_dir_load_has_the_trainers_final_params"]),
     M("eval: perplexity = loss", "gpt2jax/evaluate.py",
       '"perplexity": math.exp(loss),', '"perplexity": loss,',
@@ -127,7 +127,7 @@ MUTATIONS = [
     M(name='clip-off-at-one', file='gpt2jax/train.py', old='if optim.grad_clip > 0 else optax.identity()', new='if optim.grad_clip > 1 else optax.identity()', tests=['tests/test_optimizer.py::test_adamw_steps_equal_numpy_reference', 'tests/test_optimizer.py::test_clip_is_by_global_norm_before_adam']),
     M(name='clip-elementwise', file='gpt2jax/train.py', old='clip = optax.clip_by_global_norm(optim.grad_clip)', new='clip = optax.clip(optim.grad_clip)', tests=['tests/test_optimizer.py::test_adamw_steps_equal_numpy_reference', 'tests/test_optimizer.py::test_clip_is_by_global_norm_before_adam']),
     M(name='clip-after-adamw', file='gpt2jax/train.py', old='return optax.chain(clip, adamw), schedule', new='return optax.chain(adamw, clip), schedule', tests=['tests/test_optimizer.py::test_adamw_steps_equal_numpy_reference', 'tests/test_optimizer.py::test_clip_is_by_global_norm_before_adam']),
-    M(name='restore-fresh-opt-state', file='gpt2jax/checkpoint.py', old='return None if found is None else (found[0], found[1].state, found[1].data)', new='return None if found is None else (found[0], found[1].state.replace(opt_state=jax.tree.map(lambda x: 0 * x, found[1].state.opt_state)), found[1].data)', tests=['tests/test_optimizer.py::test_checkpoint_restores_optimizer_state_not_a_fresh_one']),
+    M(name='restore-fresh-opt-state', file='gpt2jax/checkpoint.py', old='Restored(step=found[0], state=found[1].state, data=found[1].data)', new='Restored(step=found[0], state=found[1].state.replace(opt_state=jax.tree.map(lambda x: 0 * x, found[1].state.opt_state)), data=found[1].data)', tests=['tests/test_optimizer.py::test_checkpoint_restores_optimizer_state_not_a_fresh_one']),
     M(name='restore-oldest-step', file='gpt2jax/checkpoint.py', old='for step in sorted(self.all_steps() if steps is None else steps, reverse=True):', new='for step in sorted(self.all_steps() if steps is None else steps):', tests=['tests/test_optimizer.py::test_checkpoint_restores_optimizer_state_not_a_fresh_one']),
     M(name='save-drops-opt-state', file='gpt2jax/checkpoint.py', old='state=ocp.args.StandardSave(state),', new='state=ocp.args.StandardSave(state.replace(opt_state=jax.tree.map(lambda x: 0 * x, state.opt_state))),', tests=['tests/test_optimizer.py::test_checkpoint_restores_optimizer_state_not_a_fresh_one']),
     M(name='loss-denominator-counts-ignored', file='gpt2jax/model.py', old='return jnp.sum(jnp.where(counted_BxT, losses_BxT, 0.0)), jnp.sum(counted_BxT)', new='return jnp.sum(jnp.where(counted_BxT, losses_BxT, 0.0)), counted_BxT.size', tests=['tests/test_model.py::test_loss_ignores_minus_100_and_shifts']),
@@ -162,8 +162,8 @@ MUTATIONS = [
       old="return hf.from_hf_state_dict(hf.to_hf_state_dict(params), model)", new="return init_params(model, 0)",
       tests=["tests/test_checkpoint.py::test_fine_tuning_from_a_run_dir_starts_from_its_latest_params"]),
     M(name="export writes the latest step", file="gpt2jax/hf.py",
-      old="params, resolved, found = Checkpoints(run).restore_params(step)",
-      new='params, resolved, found = Checkpoints(run).restore_params("latest")',
+      old="restored = Checkpoints(run).restore_params(step)",
+      new='restored = Checkpoints(run).restore_params("latest")',
       tests=["tests/test_checkpoint.py::test_export_command_writes_the_runs_params"]),
     # compare: runs read by schema, partial lines, wall time, plot paths; sweep grids.
     M(name="metrics_schema_not_checked", file="gpt2jax/records.py", old='        if (problem := record_problem(record)) is not None:', new='        if False and (problem := record_problem(record)) is not None:', tests=["tests/test_compare.py::test_a_run_that_cannot_be_read_is_reported_in_one_line_and_skipped"]),

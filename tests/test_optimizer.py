@@ -190,7 +190,8 @@ def test_checkpoint_restores_optimizer_state_not_a_fresh_one(tmp_path):
     sharding = global_replicated_sharding()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), fresh)
     reopened = Checkpoints(str(tmp_path))
-    step, restored, data = reopened.restore_latest_good(target)
+    found = reopened.restore_latest_good(target)
+    step, restored, data = found.step, found.state, found.data
     reopened.close()
     checkpoints.close()
     assert step == 3 and data == {"step": 3, "seed": 0}

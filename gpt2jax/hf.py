@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -255,8 +256,6 @@ def export_run(run: str, step: str, out: str) -> int:
         os.replace(staging, out)  # onto a missing or empty directory
     finally:
         if os.path.isdir(staging):
-            import shutil
-
             shutil.rmtree(staging)
     return restored.step
 

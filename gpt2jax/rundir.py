@@ -79,26 +79,25 @@ def user_entries(path: str) -> list[str]:
     return sorted(set(os.listdir(path)) - set(RUN_ENTRIES) - {".lock"}) if os.path.isdir(path) else []
 
 
-def check_workdir(workdir: str) -> None:
-    """A place a run can live: absent, or a directory (not a file), that we may write."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir} is a file, not a directory")
-    parent = os.path.dirname(os.path.abspath(workdir))
-    if not os.path.exists(workdir) and not os.access(_existing_ancestor(parent), os.W_OK):
-        raise UserError(f"--workdir {workdir}: cannot create it (no write permission in {_existing_ancestor(parent)})")
-    if os.path.isdir(workdir) and not os.access(workdir, os.W_OK):
-        raise UserError(f"--workdir {workdir}: no write permission")
+def check_workdir(workdir: str, writing: bool = True) -> None:
+    """A place a run can live: a directory or a path under one (not under a file), that we may write."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--workdir {workdir}: {existing} is a file, not a directory")
+    if writing and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: no permission to write in {existing}")
 
 
-def _existing_ancestor(path: str) -> str:
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
+def holds_anything(path: str) -> bool:
+    """A directory with something in it besides a trainer's lock."""
+    return os.path.isdir(path) and bool(set(os.listdir(path)) - {".lock"})
 
 
 def check_overwrite(workdir: str) -> list[str]:
     """The run entries `--overwrite` will remove; refuses unless `workdir` is proven to be a run."""
-    if not os.path.isdir(workdir) or not set(os.listdir(workdir)) - {".lock"}:
+    if not holds_anything(workdir):
         return []
     if not is_run(workdir):
         raise UserError(f"--overwrite: {workdir} is not a gpt2jax run directory (no readable experiment config.json "
@@ -136,14 +135,14 @@ def check_resumable(workdir: str, resolved: dict[str, Any], ignored_keys: set[st
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
             raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir, "
                             "--fork NEW_DIR to continue from its checkpoint with this config, or --overwrite")
-    elif user_entries(workdir) or any(os.path.exists(os.path.join(workdir, e)) for e in RUN_ENTRIES):
+    elif holds_anything(workdir):
         raise UserError(f"{workdir} exists and is not a gpt2jax run directory (no config.json); use another --workdir")
 
 
 def check_fork_target(workdir: str, fork_from: str) -> None:
     if not has_checkpoints(fork_from):
         raise UserError(f"--fork: {fork_from} is not a gpt2jax run directory with checkpoints")
-    if user_entries(workdir) or any(os.path.exists(os.path.join(workdir, e)) for e in RUN_ENTRIES):
+    if holds_anything(workdir):
         raise UserError(f"--fork writes a new run into {workdir}, which is not empty")
 
 
@@ -215,25 +214,22 @@ def is_locked(workdir: str) -> bool:
     return False
 
 
-def repair_metrics(run_dir: str, resumed_step: int) -> int:
+def repair_metrics(run_dir: str, resumed_step: int) -> None:
     """Make metrics.jsonl (and samples.jsonl) continue cleanly from `resumed_step`: drop a partial last
-    line (a killed writer) and the records of steps after it (they will be recomputed). Returns how many
-    lines were dropped."""
-    dropped = 0
+    line (a killed writer) and the records of steps after it (they will be recomputed)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
             continue
         with open(path, "rb") as f:
             lines = f.read().split(b"\n")
-        kept = [line for line in lines[:-1] if _step_of(line) is not None and _step_of(line) <= resumed_step]
-        dropped += len([line for line in lines if line.strip()]) - len(kept)
+        steps = [(_step_of(line), line) for line in lines[:-1]]  # lines[-1] is a partial line, or empty
+        kept = [line for step, line in steps if step is not None and step <= resumed_step]
         if len(kept) != len(lines) - 1 or lines[-1]:
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 f.writelines(line + b"\n" for line in kept)
             os.replace(tmp, path)
-    return dropped
 
 
 def _step_of(line: bytes) -> int | None:

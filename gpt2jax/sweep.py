@@ -11,6 +11,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from gpt2jax import rundir
 from gpt2jax.errors import UserError
 
 MAX_POINTS = 1000  # a sweep larger than this is a typo (or belongs on a scheduler, in parts)
@@ -62,13 +63,7 @@ def _check_run_dirs(workdir: str, points: list[list[str]], writing: bool) -> lis
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise UserError(f"{run_dir} is a file, not a run directory")
         run_dirs[run_dir] = point
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--workdir {workdir}: {existing} is a file, not a directory")
-    if writing and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir {workdir}: no permission to write in {existing}")
+    rundir.check_workdir(workdir, writing)
     return list(run_dirs)
 
 

@@ -298,10 +298,7 @@ def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tok
     """Train metrics of the steps since the last log (throughput only over steps timed without compiling)."""
     mean = lambda key: float(np.mean([m[key][0] for m in host]))
     out = {"loss": mean("loss"), "lr": float(host[-1]["lr"][0]), "grad_norm": mean("grad_norm"),
-           "param_norm": float(host[-1]["param_norm"][0]) if "param_norm" in host[-1] else None,
-           "tokens_seen": done * tokens_per_step}
-    if out["param_norm"] is None:
-        del out["param_norm"]
+           "param_norm": float(host[-1]["param_norm"][0]), "tokens_seen": done * tokens_per_step}
     if timed_steps:
         tokens_per_s = timed_steps * tokens_per_step / seconds
         out.update(tokens_per_s=tokens_per_s, step_time_ms=1e3 * seconds / timed_steps,
@@ -313,7 +310,7 @@ def first_non_finite(host: list[dict], done: int) -> tuple[int, str] | None:
     """(step, what) of the first step whose loss, gradient norm or updated parameters are not finite."""
     for i, metrics in enumerate(host):
         for key, what in (("loss", "loss"), ("grad_norm", "gradient"), ("param_norm", "parameters after the update")):
-            if key in metrics and not np.isfinite(metrics[key][0]):
+            if not np.isfinite(metrics[key][0]):
                 return done - len(host) + 1 + i, what
     return None
 

@@ -36,10 +36,13 @@ def test_mfu_is_achieved_over_peak():
 
 
 def test_summarize_tokens_per_second_and_mfu():
-    host = [{"loss": np.array([2.0, 2.0]), "grad_norm": np.array([1.0, 1.0]), "lr": np.array([1e-3, 1e-3])},
-            {"loss": np.array([4.0, 4.0]), "grad_norm": np.array([3.0, 3.0]), "lr": np.array([5e-4, 5e-4])}]
+    host = [{"loss": np.array([2.0, 2.0]), "grad_norm": np.array([1.0, 1.0]), "lr": np.array([1e-3, 1e-3]),
+             "param_norm": np.array([7.0, 7.0])},
+            {"loss": np.array([4.0, 4.0]), "grad_norm": np.array([3.0, 3.0]), "lr": np.array([5e-4, 5e-4]),
+             "param_norm": np.array([8.0, 8.0])}]
     out = summarize(host, done=20, timed_steps=2, seconds=0.5, tokens_per_step=1000, flops_per_token=6e6,
                     peak=1e12, peak_source="datasheet")
     assert out["loss"] == 3.0 and out["grad_norm"] == 2.0 and out["lr"] == 5e-4 and out["tokens_seen"] == 20_000
+    assert out["param_norm"] == 8.0  # the latest step's parameters
     assert out["tokens_per_s"] == 4000.0 and out["step_time_ms"] == 250.0
     assert out["mfu"] == pytest.approx(4000.0 * 6e6 / 1e12) and out["mfu_peak"] == "datasheet"

@@ -37,6 +37,7 @@ def places(tmp_path, cache_dir, hf_dir):
 TRAIN = ["train", "--config", "{smoke}", "{cache}", "--workdir"]
 CASES = {
     "train: --workdir is a file": (TRAIN + ["{file}"], "is a file, not a directory"),
+    "train: --workdir under a file": (TRAIN + ["{file}/run"], "is a file, not a directory"),
     "train: get_config() raises": (["train", "--config", "{raising}", "--workdir", "{new}"],
                                    "get_config() failed (ZeroDivisionError"),
     "train: config.json of the run is not JSON": (TRAIN + ["{badrun}"], "not valid JSON"),

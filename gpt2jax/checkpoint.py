@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -53,6 +55,7 @@ class Checkpoints:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        _quiet_abandoned_writes()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -177,6 +180,8 @@ class Checkpoints:
             reason = _os_failure(e)
             if reason is None:
                 raise
+            # the writes abandoned with it warn at exit that they were never awaited
+            warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
             raise UserError(f"{self.directory}: a checkpoint could not be written ({reason}); "
                             f"the steps saved before it are intact: {self.all_steps()}") from None
 
@@ -189,6 +194,34 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _quiet_abandoned_writes() -> None:
+    """When a write fails, Orbax logs it with a traceback from each writer thread (absl), its unfinished
+    asyncio tasks are logged when collected, and each of the other pending writes reports 'Event loop is
+    closed' as it completes. `_writing` reports the failure as one line, so these echoes are dropped, once
+    for the process; GPT2JAX_DEBUG=1 keeps them."""
+    global _quiet
+    if _quiet or os.environ.get("GPT2JAX_DEBUG"):
+        return
+    _quiet = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_not_a_write_failure)
+    previous = sys.unraisablehook
+
+    def unraisable(event):
+        if not (isinstance(event.exc_value, RuntimeError) and str(event.exc_value) == "Event loop is closed"):
+            previous(event)
+
+    sys.unraisablehook = unraisable
+
+
+_quiet = False
+
+
+def _not_a_write_failure(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or _os_failure(error) is None
 
 
 def _os_failure(error: BaseException) -> str | None:

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import jax
@@ -97,4 +98,6 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # the same holds for an entry that cannot be written (a full disk): the cache is skipped, not the command
+    warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache entry")
     return directory

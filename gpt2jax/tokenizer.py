@@ -254,6 +254,7 @@ def _from_vocab_and_merges(
     vocab: dict[str, int], merges: list[tuple[str, str]], special: dict[str, int], name: str
 ) -> GPT2Tokenizer:
     """tiktoken ranks: bytes first, then merges in order; a lookup table maps ranks to the HF ids."""
+    _check_ids({**vocab, **special}, name)
     byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
     try:
         as_bytes = lambda token: bytes(byte_of_char[c] for c in token)
@@ -285,6 +286,19 @@ def _from_vocab_and_merges(
         vocab_bytes[i] = tok.encode("utf-8")
     eos = special.get(ENDOFTEXT, size - 1)
     return GPT2Tokenizer(encoding, np.array(id_of_rank, dtype=np.int64), vocab_bytes, eos, name)
+
+
+MAX_TOKEN_ID = 2**24 - 1  # far above any real vocabulary; the id -> bytes table is this long at most
+
+
+def _check_ids(ids: dict[str, int], name: str) -> None:
+    """Token ids are distinct integers in [0, MAX_TOKEN_ID]: anything else is a damaged or foreign file."""
+    seen: dict[int, str] = {}
+    for token, i in ids.items():
+        if type(i) is not int or not 0 <= i <= MAX_TOKEN_ID:
+            raise UserError(f"{name}: token {token!r} has id {i!r}; ids are integers from 0 to {MAX_TOKEN_ID}")
+        if seen.setdefault(i, token) != token:
+            raise UserError(f"{name}: tokens {seen[i]!r} and {token!r} have the same id {i}")
 
 
 def _gpt2_byte_order() -> list[int]:

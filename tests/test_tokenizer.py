@@ -3,6 +3,7 @@
 import hashlib
 import inspect
 import json
+import re
 import os
 import shutil
 from importlib import resources
@@ -234,3 +235,19 @@ def test_skip_special_tokens_drops_eos_and_pad_in_decode_and_batch_decode():
     assert tok.batch_decode(batch) == ["\x00" * 5 + "hi", "hello!<|endoftext|>"]
     assert tok.decode(batch[1], skip_special_tokens=True) == "hello!"
     assert tok.decode(np.array([[104, 256], [0, 105]]), skip_special_tokens=True) == "hi"
+
+
+@pytest.mark.parametrize("token, bad_id, message", [
+    ("hello", 10**12, "has id 1000000000000; ids are integers from 0 to"),  # would allocate a table that long
+    ("hello", -3, "has id -3"),
+    ("hello", 2.5, "has id 2.5"),
+    ("hello", True, "has id True"),
+    ("hello", 0, "tokens '!' and 'hello' have the same id 0"),
+])
+def test_a_vocabulary_with_impossible_ids_is_refused(tmp_path, token, bad_id, message):
+    directory = copy_gpt2_files(tmp_path / "tok")
+    vocab = json.loads((directory / "vocab.json").read_text())
+    vocab[token] = bad_id
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match=re.escape(message)):
+        GPT2Tokenizer.from_pretrained(directory)

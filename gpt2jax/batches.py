@@ -10,6 +10,7 @@ W = T + 1 tokens per window (inputs and the targets shifted by one).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from typing import Any
@@ -19,30 +20,39 @@ import numpy as np
 from gpt2jax.errors import UserError
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where this process's part of a global batch goes: its index among `process_count` processes, each
+    reading a contiguous slice of the rows, split over its `local_device_count` devices."""
+
+    process_index: int = 0
+    process_count: int = 1
+    local_device_count: int = 1
+
+    def rows(self, global_batch_size: int) -> slice:
+        """This process's rows of a global batch of `global_batch_size` sequences."""
+        if global_batch_size % (self.process_count * self.local_device_count):
+            raise UserError(f"global batch {global_batch_size} is not divisible by {self.process_count} processes x "
+                            f"{self.local_device_count} local devices")
+        local_batch = global_batch_size // self.process_count
+        return slice(self.process_index * local_batch, (self.process_index + 1) * local_batch)
+
+
 class BatchSampler:
-    """Training batches as a pure function of (seed, step, process index, process count).
+    """Training batches as a pure function of (seed, step, placement).
 
     The global batch for step s is `global_batch_size` random windows of block_size + 1
     tokens; each process reads only its contiguous slice of those rows, shaped
     (local devices, per-device batch, T) for pmap.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        block_size: int,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        local_device_count: int = 1,
-    ):
-        local_batch = _local_batch_size(global_batch_size, process_count, local_device_count)
+    def __init__(self, tokens: np.ndarray, block_size: int, global_batch_size: int, seed: int,
+                 placement: Placement = Placement()):
+        self.rows = placement.rows(global_batch_size)
         if len(tokens) < block_size + 1:
             raise UserError(f"{len(tokens)} tokens are fewer than one window of block_size + 1 = {block_size + 1}")
         self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.global_batch_size, self.local_device_count = global_batch_size, local_device_count
-        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+        self.global_batch_size, self.local_device_count = global_batch_size, placement.local_device_count
 
     def global_offsets(self, step: int) -> np.ndarray:
         """Start of every window of the global batch of `step`."""
@@ -54,23 +64,15 @@ class BatchSampler:
                                 self.local_device_count)
 
 
-def validation_batches(
-    tokens: np.ndarray,
-    block_size: int,
-    global_batch_size: int,
-    num_batches: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    local_device_count: int = 1,
-) -> list[dict[str, np.ndarray]]:
+def validation_batches(tokens: np.ndarray, block_size: int, global_batch_size: int, num_batches: int,
+                       placement: Placement = Placement()) -> list[dict[str, np.ndarray]]:
     """The fixed validation set: num_batches global batches of windows spread evenly over the split."""
-    local_batch = _local_batch_size(global_batch_size, process_count, local_device_count)
+    rows = placement.rows(global_batch_size)
     if len(tokens) < block_size + 1:
         raise UserError(f"the val split has {len(tokens)} tokens, fewer than one window of {block_size + 1}")
     starts = np.linspace(0, len(tokens) - block_size - 1, num_batches * global_batch_size).astype(np.int64)
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
     return [
-        windows_to_batch(tokens, batch_starts[rows], block_size, local_device_count)
+        windows_to_batch(tokens, batch_starts[rows], block_size, placement.local_device_count)
         for batch_starts in starts.reshape(num_batches, global_batch_size)
     ]
 
@@ -80,13 +82,6 @@ def windows_to_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, lo
     windows_NxW = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
     windows_LxBxW = windows_NxW.reshape(local_device_count, -1, block_size + 1)
     return {"inputs": windows_LxBxW[..., :-1], "targets": windows_LxBxW[..., 1:]}
-
-
-def _local_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:
-    if global_batch_size % (process_count * local_device_count):
-        raise UserError(f"global batch {global_batch_size} is not divisible by {process_count} processes x "
-                        f"{local_device_count} local devices")
-    return global_batch_size // process_count
 
 
 class Prefetcher:

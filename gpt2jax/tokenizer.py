@@ -254,6 +254,8 @@ def _from_vocab_and_merges(
     vocab: dict[str, int], merges: list[tuple[str, str]], special: dict[str, int], name: str
 ) -> GPT2Tokenizer:
     """tiktoken ranks: bytes first, then merges in order; a lookup table maps ranks to the HF ids."""
+    if not isinstance(vocab, dict):
+        raise UserError(f"{name}: the vocabulary is a JSON {type(vocab).__name__}, not an object of token -> id")
     _check_ids({**vocab, **special}, name)
     byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
     try:

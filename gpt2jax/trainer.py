@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from gpt2jax import hf, perf, rundir
-from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
+from gpt2jax.batches import BatchSampler, Placement, Prefetcher, validation_batches
 from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.config import GPT2Config
 from gpt2jax.data import TokenBins, prepare
@@ -198,11 +198,11 @@ class Run:
         m = plan.model
         self.p_train, self.p_eval = pmapped_steps(module, self.optimizer, schedule, t.grad_accum_steps,
                                                   dropout=max(m.resid_pdrop, m.embd_pdrop, m.attn_pdrop) > 0)
-        block, devices = c.data.block_size, jax.local_device_count()
-        where = dict(process_index=jax.process_index(), process_count=jax.process_count(), local_device_count=devices)
-        self.sampler = BatchSampler(plan.bins.tokens("train"), block, t.global_batch_size, t.seed, **where)
+        block = c.data.block_size
+        where = Placement(jax.process_index(), jax.process_count(), jax.local_device_count())
+        self.sampler = BatchSampler(plan.bins.tokens("train"), block, t.global_batch_size, t.seed, where)
         self.val = [] if c.data.val_fraction == 0 else [shard_batch(b) for b in validation_batches(
-            plan.bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps, t.eval_batches, **where)]
+            plan.bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps, t.eval_batches, where)]
         self.tokens_per_step, self.flops_per_token = t.global_batch_size * block, m.flops_per_token(block)
         self.peak = perf.device_peak()
         self.pending: list[dict] = []

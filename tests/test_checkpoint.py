@@ -86,14 +86,14 @@ def val_losses(run_dir):
 
 def loss_on_the_trainers_val_batches(model, cache_dir):
     """The val loss as the trainer computes it (its fixed windows, mean over batches), from `model`."""
-    from gpt2jax.batches import validation_batches
+    from gpt2jax.batches import Placement, validation_batches
     from gpt2jax.data import prepare
     from gpt2jax.model import next_token_loss
 
     config = smoke(cache_dir, *STEP_LOGGING)
     tokens = prepare(config.data, progress=False).tokens("val")
     batches = validation_batches(tokens, config.data.block_size, config.train.global_batch_size,
-                                 config.train.eval_batches, local_device_count=8)
+                                 config.train.eval_batches, Placement(local_device_count=8))
     flat = lambda x: x.reshape(-1, x.shape[-1])
     return float(np.mean([next_token_loss(model(flat(b["inputs"])).logits, flat(b["targets"])) for b in batches]))
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpt2jax import UserError, data, sources
-from gpt2jax.batches import BatchSampler, Prefetcher, validation_batches
+from gpt2jax.batches import BatchSampler, Placement, Prefetcher, validation_batches
 from gpt2jax.experiment import base_config
 from gpt2jax.tokenizer import GPT2Tokenizer, load_tokenizer
 
@@ -515,7 +515,7 @@ GOOD_JSONL = lambda p: write(p / "good.jsonl", "".join(json.dumps({"text": d}) +
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text('{"a": 0,')),
                  r"data\.tokenizer='.*tok': not a usable tokenizer directory \(JSONDecodeError", id="broken-vocab"),
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text("[1, 2]")),
-                 r"not a usable tokenizer directory \(AttributeError", id="vocab-a-list"),
+                 r"tok: the vocabulary is a JSON list, not an object of token -> id", id="vocab-a-list"),
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.mkdir()),
                  r"tok: no vocab\.json \+ merges\.txt and no tokenizer\.json", id="vocab-a-directory"),
     pytest.param(GOOD_JSONL, lambda p: {"cache_dir": str(write(p / "cachefile", ""))},
@@ -597,11 +597,11 @@ def test_process_slices_are_disjoint_and_make_the_global_batch(process_count, lo
     seen = set()
     for seed in (0, 1, 2):
         for step in (0, 1, 7, 8):
-            single = BatchSampler(TOKENS, 8, 32, seed=seed, local_device_count=8)(step)
+            single = BatchSampler(TOKENS, 8, 32, seed=seed, placement=Placement(local_device_count=8))(step)
             expected = np.stack([TOKENS[o:o + 9] for o in BatchSampler(TOKENS, 8, 32, seed=seed).global_offsets(step)])
             np.testing.assert_array_equal(rows(single), expected)
-            parts = [BatchSampler(TOKENS, 8, 32, seed=seed, process_index=i, process_count=process_count,
-                                  local_device_count=local_devices)(step) for i in range(process_count)]
+            parts = [BatchSampler(TOKENS, 8, 32, seed=seed,
+                                  placement=Placement(i, process_count, local_devices))(step) for i in range(process_count)]
             assert all(p["inputs"].shape == (local_devices, 32 // process_count // local_devices, 8) for p in parts)
             np.testing.assert_array_equal(np.concatenate([rows(p) for p in parts]), expected)  # row for row
             seen.add(expected.tobytes())
@@ -617,7 +617,7 @@ def test_sampler_windows_reach_both_ends_of_the_split():
 @pytest.mark.parametrize("length", [10_000, 997])
 def test_validation_batches_are_fixed_spread_and_sliced_per_process(length):
     tokens = np.arange(length, dtype=np.uint16)
-    full = validation_batches(tokens, 8, 16, 3, local_device_count=2)
+    full = validation_batches(tokens, 8, 16, 3, Placement(local_device_count=2))
     assert len(full) == 3 and full[0]["inputs"].shape == (2, 8, 8) and full[0]["inputs"].dtype == np.int32
     windows = np.concatenate([rows(b) for b in full])
     np.testing.assert_array_equal(windows, windows[:, :1] + np.arange(9))  # contiguous windows of the split
@@ -625,11 +625,10 @@ def test_validation_batches_are_fixed_spread_and_sliced_per_process(length):
     assert starts[0] == 0 and windows[-1, -1] == length - 1  # from the first token to the last
     gaps = np.diff(starts)
     assert gaps.min() > 0 and gaps.max() - gaps.min() <= 1  # evenly spread, in order, no repeats
-    for again in (validation_batches(tokens, 8, 16, 3, local_device_count=2), validation_batches(tokens, 8, 16, 3)):
+    for again in (validation_batches(tokens, 8, 16, 3, Placement(local_device_count=2)), validation_batches(tokens, 8, 16, 3)):
         np.testing.assert_array_equal(np.concatenate([rows(b) for b in again]), windows)
     for process_count, local_devices in ((2, 2), (4, 1), (2, 4)):
-        parts = [validation_batches(tokens, 8, 16, 3, process_index=i, process_count=process_count,
-                                     local_device_count=local_devices) for i in range(process_count)]
+        parts = [validation_batches(tokens, 8, 16, 3, Placement(i, process_count, local_devices)) for i in range(process_count)]
         assert parts[0][0]["inputs"].shape == (local_devices, 16 // process_count // local_devices, 8)
         for k in range(3):
             np.testing.assert_array_equal(np.concatenate([rows(h[k]) for h in parts]), rows(full[k]))
@@ -637,7 +636,7 @@ def test_validation_batches_are_fixed_spread_and_sliced_per_process(length):
 
 def test_sampler_rejects_indivisible_batch_and_short_split():
     with pytest.raises(UserError, match="not divisible"):
-        BatchSampler(TOKENS, 8, 12, seed=0, local_device_count=8)
+        BatchSampler(TOKENS, 8, 12, seed=0, placement=Placement(local_device_count=8))
     with pytest.raises(UserError, match="fewer than one window"):
         BatchSampler(TOKENS[:8], 8, 8, seed=0)
 

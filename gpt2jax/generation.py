@@ -16,7 +16,7 @@ import numpy as np
 
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config, is_int
-from gpt2jax.errors import UserError
+from gpt2jax.errors import UserError, check_ids
 from gpt2jax.model import GPT2LMHeadModule, init_cache
 
 
@@ -89,10 +89,10 @@ class GPT2Decoder:
     def init_cache(self, batch_size: int, length: int) -> Any:
         return init_cache(self.module.config, batch_size, length)
 
-    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
+    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache):
         def last_logits(module: GPT2LMHeadModule) -> tuple[jax.Array, Any]:
             h_BxTxD, new_cache = module.transformer(
-                tokens_BxT, positions_BxT, mask_BxS, train=False, cache=cache, cache_index=index
+                tokens_BxT, mask_BxS, positions_BxT, train=False, cache=cache
             )
             return module.transformer.logits(h_BxTxD[:, -1:])[:, 0], new_cache
 
@@ -131,9 +131,7 @@ def prepare_prompts(input_ids: Any, attention_mask: Any, config: GPT2Config, gen
         ids_BxT = ids_BxT[None]
     if ids_BxT.ndim != 2 or ids_BxT.shape[1] == 0:
         raise UserError(f"the prompt is empty or not (batch, time): input_ids shape {ids_BxT.shape}")
-    if ids_BxT.min() < 0 or ids_BxT.max() >= config.vocab_size:
-        raise UserError(f"input_ids has values in [{ids_BxT.min()}, {ids_BxT.max()}] but vocab_size is "
-                        f"{config.vocab_size}")
+    check_ids("input_ids", ids_BxT, config.vocab_size, "vocab_size")
     mask_BxT = np.ones_like(ids_BxT) if attention_mask is None else np.asarray(attention_mask).reshape(ids_BxT.shape)
     empty_rows = np.flatnonzero(mask_BxT.sum(axis=1) == 0)
     if empty_rows.size:

@@ -11,7 +11,7 @@ of a Flax Dense kernel, so conversion is a rename. The LM head is tied to `wte`.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -28,17 +28,56 @@ IGNORE_INDEX = -100  # label value that the loss skips, as in PyTorch / Hugging 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of one layer for all S cache slots; slots past the write index are stale."""
+    """Keys and values of one layer for all S cache slots, and `index`, the number of slots filled: the
+    next tokens are written from there, and the slots from there on are stale."""
 
     key_BxSxHxK: jax.Array
     value_BxSxHxK: jax.Array
+    index: jax.Array  # int32 scalar
 
 
-def init_cache(config: GPT2Config, batch_size: int, length: int) -> tuple[KVCache, ...]:
+@flax.struct.dataclass
+class Cache:
+    """The KV cache of every layer (a pytree: passing one to a jitted function does not retrace it).
+
+    Indexable like the tuple of layers; `get_seq_length()` is the number of slots filled (HF's name),
+    `max_length` the number of slots, `to_legacy_cache()` HF's ((key, value), ...) in (B, H, S, K)."""
+
+    layers: tuple[KVCache, ...]
+
+    def __getitem__(self, layer: int) -> KVCache:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def index(self) -> jax.Array:
+        return self.layers[0].index
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].key_BxSxHxK.shape[1]
+
+    def get_seq_length(self) -> int:
+        return int(self.index)
+
+    def grown(self, length: int) -> Cache:
+        """The same cache with `length` slots (more than now); the new ones are empty."""
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+        return Cache(tuple(KVCache(pad(c.key_BxSxHxK), pad(c.value_BxSxHxK), c.index) for c in self.layers))
+
+    def to_legacy_cache(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        n = self.get_seq_length()
+        heads_first = lambda x: jnp.swapaxes(x[:, :n], 1, 2)
+        return tuple((heads_first(c.key_BxSxHxK), heads_first(c.value_BxSxHxK)) for c in self.layers)
+
+
+def init_cache(config: GPT2Config, batch_size: int, length: int) -> Cache:
     """An empty cache of `length` slots per layer, in the compute dtype."""
     shape = (batch_size, length, config.n_head, config.head_dim)
     zeros = lambda: jnp.zeros(shape, config.compute_dtype)  # distinct buffers, so a cache can be donated
-    return tuple(KVCache(zeros(), zeros()) for _ in range(config.n_layer))
+    return Cache(tuple(KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32)) for _ in range(config.n_layer)))
 
 
 def attention_mask_BxTxS(attention_mask_BxS: jax.Array, query_length: int, cache_index: Any = 0) -> jax.Array:
@@ -55,9 +94,11 @@ def dot_product_attention_with_dropout(
     v_BxSxHxK: jax.Array,
     mask_BxTxS: jax.Array,
     dropout_rate: float,
-    dropout_rng: jax.Array,
-) -> jax.Array:
-    """Softmax attention with dropout on the probabilities (the training path when attn_pdrop > 0)."""
+    dropout_rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention that materialises its (B, H, T, S) probabilities, with dropout on them: the path
+    for attn_pdrop > 0 in training and for `output_attentions`. Returns the output and the probabilities
+    (after dropout, as Hugging Face returns them)."""
     scale = 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
     logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
     logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS * scale, jnp.finfo(jnp.float32).min)
@@ -65,7 +106,7 @@ def dot_product_attention_with_dropout(
     if dropout_rate > 0.0:
         keep_BxHxTxS = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep_BxHxTxS, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK), probs_BxHxTxS
 
 
 class Linear(nn.Module):
@@ -99,23 +140,23 @@ def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
     )
 
 
-class Attention(nn.Module):
-    """Causal multi-head self-attention with a fused qkv projection and an optional KV cache."""
+class GPT2Part(nn.Module):
+    """A module of GPT-2: its config, and whether its Linear kernels are held (out, in) (see `Linear`)."""
 
     config: GPT2Config
     transposed_kernels: bool = False
 
+
+class Attention(GPT2Part):
+    """Causal multi-head self-attention with a fused qkv projection and an optional KV cache."""
+
     @nn.compact
-    def __call__(
-        self,
-        x_BxTxD: jax.Array,
-        mask_BxTxS: jax.Array | None,
-        *,
-        train: bool,
-        cache: KVCache | None = None,
-        cache_index: Any = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """`mask_BxTxS` None: plain causal attention over the T inputs (no padding, no cache)."""
+    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array | None, *, train: bool,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`mask_BxTxS` None: plain causal attention over the T inputs (no padding, no cache).
+
+        The probabilities are materialised when dropout applies to them, and when the "attentions"
+        collection is mutable, which then receives them ((B, H, T, S) float32, as HF's `attentions`)."""
         cfg = self.config
         B, T, D = x_BxTxD.shape
         qkv_BxTx3D = Linear(cfg, 3 * D, transposed=self.transposed_kernels, name="c_attn")(x_BxTxD)
@@ -125,31 +166,30 @@ class Attention(nn.Module):
         if cache is None:
             k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
         else:
-            start = (0, cache_index, 0, 0)
-            k_BxSxHxK = lax.dynamic_update_slice(cache.key_BxSxHxK, k_BxTxHxK.astype(cache.key_BxSxHxK.dtype), start)
-            v_BxSxHxK = lax.dynamic_update_slice(
-                cache.value_BxSxHxK, v_BxTxHxK.astype(cache.value_BxSxHxK.dtype), start
-            )
-            cache = KVCache(k_BxSxHxK, v_BxSxHxK)
+            write = lambda old, new: lax.dynamic_update_slice(old, new.astype(old.dtype), (0, cache.index, 0, 0))
+            cache = KVCache(write(cache.key_BxSxHxK, k_BxTxHxK), write(cache.value_BxSxHxK, v_BxTxHxK), cache.index + T)
+            k_BxSxHxK, v_BxSxHxK = cache.key_BxSxHxK, cache.value_BxSxHxK
         k_BxSxHxK, v_BxSxHxK = k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype)
 
-        if train and cfg.attn_pdrop > 0.0:  # materialises (B, H, T, S) probabilities to drop some
+        dropout = cfg.attn_pdrop if train else 0.0
+        if dropout > 0.0 or self.is_mutable_collection("attentions"):
             if mask_BxTxS is None:
                 mask_BxTxS = attention_mask_BxTxS(jnp.ones((B, T), bool), T)
-            out_BxTxHxK = dot_product_attention_with_dropout(
-                q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, cfg.attn_pdrop, self.make_rng("dropout")
+            out_BxTxHxK, probs_BxHxTxS = dot_product_attention_with_dropout(
+                q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, dropout, self.make_rng("dropout") if dropout else None
             )
+            self.sow("attentions", "weights", probs_BxHxTxS)
         elif mask_BxTxS is None:  # nothing padded: causal, and cuDNN flash attention on GPUs in bf16 / fp16
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None])
-        y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(out_BxTxHxK.reshape(B, T, D))
+        y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(
+            out_BxTxHxK.reshape(B, T, D))
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train), cache
 
 
-class MLP(nn.Module):
-    config: GPT2Config
-    transposed_kernels: bool = False
+class MLP(GPT2Part):
+    """fc, the activation, then the projection back to n_embd."""
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, *, train: bool) -> jax.Array:
@@ -160,36 +200,22 @@ class MLP(nn.Module):
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train)
 
 
-class Block(nn.Module):
+class Block(GPT2Part):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    config: GPT2Config
-    transposed_kernels: bool = False
-
     @nn.compact
-    def __call__(
-        self,
-        x_BxTxD: jax.Array,
-        mask_BxTxS: jax.Array | None,
-        *,
-        train: bool,
-        cache: KVCache | None = None,
-        cache_index: Any = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        attn_BxTxD, cache = Attention(self.config, self.transposed_kernels, name="attn")(
-            _layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxTxS, train=train, cache=cache, cache_index=cache_index
-        )
+    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array | None, *, train: bool,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        attention = Attention(self.config, self.transposed_kernels, name="attn")
+        attn_BxTxD, cache = attention(_layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxTxS, train=train, cache=cache)
         x_BxTxD = x_BxTxD + attn_BxTxD
         mlp = MLP(self.config, self.transposed_kernels, name="mlp")
         x_BxTxD = x_BxTxD + mlp(_layer_norm(self.config, "ln_2")(x_BxTxD), train=train)
         return x_BxTxD, cache
 
 
-class GPT2Model(nn.Module):
+class GPT2Module(GPT2Part):
     """Embeddings, the blocks and the final LayerNorm; returns hidden states."""
-
-    config: GPT2Config
-    transposed_kernels: bool = False  # Linear kernels held (out, in): see `Linear`
 
     def setup(self) -> None:
         cfg = self.config
@@ -206,29 +232,44 @@ class GPT2Model(nn.Module):
 
     def __call__(
         self,
-        input_ids_BxT: jax.Array,
-        position_ids_BxT: jax.Array,
-        attention_mask_BxS: jax.Array | None,
+        input_ids_BxT: jax.Array | None,
+        attention_mask_BxS: jax.Array | None = None,
+        position_ids_BxT: jax.Array | None = None,
         *,
-        train: bool,
-        cache: Sequence[KVCache] | None = None,
-        cache_index: Any = None,
-    ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
-        """`attention_mask_BxS` None (only without a cache): no padding, so the causal fast path."""
-        T = input_ids_BxT.shape[1]
-        mask_BxTxS = None
-        if attention_mask_BxS is not None:
-            mask_BxTxS = attention_mask_BxTxS(attention_mask_BxS, T, 0 if cache is None else cache_index)
+        train: bool = False,
+        cache: Cache | None = None,
+        inputs_embeds_BxTxD: jax.Array | None = None,
+        token_type_ids_BxT: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Hidden states after `ln_f`, and the updated cache.
+
+        `attention_mask_BxS` marks real tokens (1) and padding (0) over the S key slots: the T inputs
+        without a cache, all the cache's slots with one; None without a cache: nothing padded, so the
+        causal fast path. `position_ids_BxT` default to `cache.index + arange(T)`.
+        `inputs_embeds_BxTxD` replace the token embeddings; `token_type_ids_BxT` add theirs (from `wte`, as
+        GPT-2 does). With the "hidden_states" collection mutable it receives HF's `hidden_states`: the
+        input of every block, then the output of `ln_f`."""
+        B, T = (input_ids_BxT if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD).shape[:2]
+        offset = 0 if cache is None else cache.index
+        if attention_mask_BxS is None and cache is not None:
+            attention_mask_BxS = jnp.ones((B, cache.max_length), jnp.int32)
+        if position_ids_BxT is None:
+            position_ids_BxT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
+        mask_BxTxS = None if attention_mask_BxS is None else attention_mask_BxTxS(attention_mask_BxS, T, offset)
         with self.config.matmul_precision_context():
-            x_BxTxD = self.wte(input_ids_BxT) + self.wpe(position_ids_BxT)
+            x_BxTxD = self.wte(input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
+            x_BxTxD = x_BxTxD.astype(self.config.compute_dtype) + self.wpe(position_ids_BxT)
+            if token_type_ids_BxT is not None:
+                x_BxTxD = x_BxTxD + self.wte(token_type_ids_BxT)
             x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
             new_cache = []
             for i, block in enumerate(self.h):
-                layer_cache = None if cache is None else cache[i]
-                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=layer_cache,
-                                             cache_index=cache_index)
+                self.sow("hidden_states", "states", x_BxTxD)
+                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=None if cache is None else cache[i])
                 new_cache.append(layer_cache)
-            return self.ln_f(x_BxTxD), None if cache is None else tuple(new_cache)
+            h_BxTxD = self.ln_f(x_BxTxD)
+            self.sow("hidden_states", "states", h_BxTxD)
+            return h_BxTxD, None if cache is None else Cache(tuple(new_cache))
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """The tied LM head: h @ wte.T, accumulated and returned in float32."""
@@ -237,41 +278,22 @@ class GPT2Model(nn.Module):
             return jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD, preferred_element_type=jnp.float32)
 
 
-class GPT2LMHeadModule(nn.Module):
+class GPT2LMHeadModule(GPT2Part):
     """GPT-2 with its tied LM head: token ids -> float32 logits (and the updated cache).
 
     `attention_mask_BxS` marks real tokens (1) and padding (0) over the S key slots: the
     T inputs without a cache, the whole cache with one. `position_ids_BxT` default to
-    `cache_index + arange(T)`.
+    `cache.index + arange(T)` (the slots the cache has filled, then the T new ones).
     """
 
-    config: GPT2Config
-    transposed_kernels: bool = False  # Linear kernels held (out, in): see `Linear`
-
     def setup(self) -> None:
-        self.transformer = GPT2Model(self.config, self.transposed_kernels)
+        self.transformer = GPT2Module(self.config, self.transposed_kernels)
 
-    def __call__(
-        self,
-        input_ids_BxT: jax.Array,
-        attention_mask_BxS: jax.Array | None = None,
-        position_ids_BxT: jax.Array | None = None,
-        *,
-        train: bool = False,
-        cache: Sequence[KVCache] | None = None,
-        cache_index: Any = None,
-    ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
-        B, T = input_ids_BxT.shape
-        if cache is not None and cache_index is None:
-            raise ValueError("cache_index is required with a cache")
-        if attention_mask_BxS is None and cache is not None:
-            attention_mask_BxS = jnp.ones((B, cache[0].key_BxSxHxK.shape[1]), jnp.int32)
-        if position_ids_BxT is None:
-            offset = 0 if cache is None else cache_index
-            position_ids_BxT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
-        h_BxTxD, cache = self.transformer(
-            input_ids_BxT, position_ids_BxT, attention_mask_BxS, train=train, cache=cache, cache_index=cache_index
-        )
+    def __call__(self, input_ids_BxT: jax.Array | None, attention_mask_BxS: jax.Array | None = None,
+                 position_ids_BxT: jax.Array | None = None, **options: Any) -> tuple[jax.Array, Cache | None]:
+        """`GPT2Module`'s arguments (`options`: train, cache, inputs_embeds_BxTxD, token_type_ids_BxT), and
+        the float32 logits (B, T, V) in place of the hidden states."""
+        h_BxTxD, cache = self.transformer(input_ids_BxT, attention_mask_BxS, position_ids_BxT, **options)
         return self.transformer.logits(h_BxTxD), cache
 
 

@@ -1,72 +1,31 @@
-"""GPT2LMHeadModel: parameters + Flax module + config behind a Hugging Face-style API."""
+"""GPT2LMHeadModel and GPT2Model: parameters + Flax module + config behind a Hugging Face-style API."""
 
 from __future__ import annotations
 
-import functools
+import inspect
 import os
 from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import generation, hf, rundir
+from gpt2jax import forward, generation, hf, rundir
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
+from gpt2jax.forward import BaseModelOutput, CausalLMOutput
 from gpt2jax.generation import GenerationConfig
-from gpt2jax.model import GPT2LMHeadModule, init_params, lm_loss
+from gpt2jax.model import Cache, GPT2LMHeadModule, init_cache, init_params
 
 
-@flax.struct.dataclass
-class CausalLMOutput:
-    """`logits` (B, T, V) float32; `loss` a float32 scalar when labels were given, else None."""
-
-    logits: jax.Array
-    loss: jax.Array | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "train"))
-def _forward(
-    module: GPT2LMHeadModule,
-    params: Any,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None,
-    position_ids: jax.Array | None,
-    labels: jax.Array | None,
-    train: bool,
-    dropout_rng: jax.Array,
-) -> CausalLMOutput:
-    logits, _ = module.apply(
-        {"params": params}, input_ids, attention_mask, position_ids, train=train, rngs={"dropout": dropout_rng}
-    )
-    return CausalLMOutput(logits=logits, loss=None if labels is None else lm_loss(logits, labels))
-
-
-def _check_ids(name: str, ids: Any, upper: int, what: str) -> None:
-    """Range-check concrete integer arrays (under tracing there is nothing to check)."""
-    if ids is None:
-        return
-    try:
-        array = np.asarray(ids)
-    except jax.errors.TracerArrayConversionError:
-        return
-    if array.ndim != 2:
-        raise UserError(f"{name} must have shape (batch, time), got {array.shape}")
-    if array.size and (array.min() < 0 or array.max() >= upper):
-        raise UserError(f"{name} has values in [{array.min()}, {array.max()}] but {what} is {upper}")
-
-
-class GPT2LMHeadModel:
-    """GPT-2 with a language-modelling head, used like `transformers.GPT2LMHeadModel`.
+class PretrainedGPT2:
+    """What `GPT2LMHeadModel` and `GPT2Model` share: loading, saving, the parameters, the cache, the mode.
 
     Attributes:
       config: the `GPT2Config`.
-      module: the Flax `GPT2LMHeadModule`.
-      params: the parameter tree (`transformer/h_0/attn/c_attn/kernel`, ...).
+      module: the Flax `GPT2LMHeadModule` (the base model is its `transformer`).
+      params: the parameter tree (`transformer/h_0/attn/c_attn/kernel`, ...), the same for both classes, so
+        either loads what the other saved.
     """
 
     def __init__(self, config: GPT2Config, seed: int = 0, *, params: Any = None):
@@ -78,12 +37,12 @@ class GPT2LMHeadModel:
         self._decoding: tuple[Any, Any] = (None, None)  # (params, their generation.Decoding)
 
     def __repr__(self) -> str:
-        return f"GPT2LMHeadModel({self.config}, parameters={self.num_parameters():,})"
+        return f"{type(self).__name__}({self.config}, parameters={self.num_parameters():,})"
 
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike, *, dtype: str | None = None, step: int | str | None = None
-    ) -> GPT2LMHeadModel:
+    ) -> PretrainedGPT2:
         """Load an HF directory (safetensors, sharded safetensors, pytorch_model.bin, flax_model.msgpack)
         or a gpt2jax run directory (one of its checkpoints).
 
@@ -101,7 +60,7 @@ class GPT2LMHeadModel:
         return cls(config, params=params)
 
     @classmethod
-    def _from_run(cls, run_dir: str, step: int | str | None, overrides: dict) -> GPT2LMHeadModel:
+    def _from_run(cls, run_dir: str, step: int | str | None, overrides: dict) -> PretrainedGPT2:
         from gpt2jax.checkpoint import Checkpoints
 
         rundir.read_resolved_config(run_dir)  # one clear error for a damaged config.json, before Orbax reads
@@ -116,47 +75,116 @@ class GPT2LMHeadModel:
         """Write `config.json` and `model.safetensors` that `transformers` loads as is."""
         hf.save_pretrained(directory, self.params, self.config)
 
+    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+        """An empty KV cache of `max_length` slots (HF Flax's `init_cache`): pass it as `past_key_values`
+        with an attention mask spanning all `max_length` slots."""
+        return init_cache(self.config, batch_size, max_length)
+
+    def _forward(self, arguments: dict[str, Any], head: bool) -> CausalLMOutput | BaseModelOutput | tuple:
+        """Both classes' __call__, given its arguments by name (see `GPT2LMHeadModel.__call__`)."""
+        a = dict(arguments)
+        cache = _one_cache(a.pop("past_key_values"), a.pop("cache"))
+        for name in ("encoder_hidden_states", "encoder_attention_mask"):
+            if a.pop(name) is not None:
+                raise UserError(f"{name}: GPT-2 here has no cross-attention (add_cross_attention is not supported)")
+        use_cache = cache is not None if a["use_cache"] is None else bool(a["use_cache"])
+        inputs = forward.prepare(self.config, a["input_ids"], a["inputs_embeds"], a["attention_mask"],
+                                 a["position_ids"], a["token_type_ids"], cache, use_cache)
+        labels, logits_to_keep = a.get("labels"), int(a.get("logits_to_keep", 0))
+        if labels is not None:
+            shape = (inputs["input_ids"] if inputs["input_ids"] is not None else inputs["inputs_embeds"]).shape[:2]
+            if np.shape(labels) != shape:
+                raise UserError(f"labels have shape {np.shape(labels)} but the input has {shape}")
+            if logits_to_keep:
+                raise UserError("labels need the logits of every position: leave logits_to_keep at 0")
+            labels = jnp.asarray(labels, jnp.int32)
+        train = self.training if a["train"] is None else a["train"]
+        dropout_rng = a["dropout_rng"]
+        if dropout_rng is None:
+            self._dropout_key, dropout_rng = jax.random.split(self._dropout_key)
+        collections = tuple(name for name in ("hidden_states", "attentions") if a[f"output_{name}"])
+        out = forward.forward(self.module, self.params, inputs, labels, dropout_rng, head=head, train=bool(train),
+                              collections=collections, logits_to_keep=logits_to_keep)
+        if not use_cache:
+            out = out.replace(past_key_values=None)
+        return out if a["return_dict"] is None or a["return_dict"] else out.to_tuple()
+
+    def num_parameters(self) -> int:
+        """Parameter count, the tied LM head counted once (as transformers does)."""
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Hugging Face names -> arrays, including the tied `lm_head.weight`."""
+        state = hf.to_hf_state_dict(self.params)
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        return state
+
+    def parameters(self) -> list[jax.Array]:
+        return jax.tree.leaves(self.params)
+
+    def train(self, mode: bool = True) -> PretrainedGPT2:
+        """Make dropout the default (`train=True`) for calls that do not say; returns self."""
+        self.training = mode
+        return self
+
+    def eval(self) -> PretrainedGPT2:
+        return self.train(False)
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    if past_key_values is not None and cache is not None:
+        raise UserError("give the cache once: past_key_values (HF's name up to transformers 5.2x) or cache")
+    return cache if past_key_values is None else past_key_values
+
+
+class GPT2LMHeadModel(PretrainedGPT2):
+    """GPT-2 with a language-modelling head (tied to the token embedding), used like
+    `transformers.GPT2LMHeadModel` and HF's former `FlaxGPT2LMHeadModel`."""
+
     def __call__(
         self,
-        input_ids: Any,
+        input_ids: Any = None,
         attention_mask: Any = None,
         position_ids: Any = None,
         labels: Any = None,
         train: bool | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> CausalLMOutput:
-        """Forward pass with Hugging Face semantics.
+        *,
+        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Any = None,
+        token_type_ids: Any = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        encoder_hidden_states: Any = None,
+        encoder_attention_mask: Any = None,
+    ) -> CausalLMOutput | tuple:
+        """Forward pass with Hugging Face's arguments and semantics.
 
         Args:
-          input_ids: int (B, T) token ids.
-          attention_mask: 1 for real tokens, 0 for padding; None means all ones.
-          position_ids: (B, T); None means arange(T).
+          input_ids: int (B, T) token ids (or `inputs_embeds` (B, T, n_embd) instead).
+          attention_mask: 1 (or True) for real tokens, 0 for padding; None means all ones. With a cache: over
+            all its slots (HF Flax) or over the cached and the new tokens (HF PyTorch).
+          position_ids: (B, T); None means arange(T) after the cached tokens.
           labels: (B, T) targets; the loss shifts them by one and skips -100.
           train: dropout on; None means the mode set by `train()` / `eval()`.
           dropout_rng: key for dropout; None draws one from the model's own key.
+          past_key_values (or `cache`): a `Cache` from `init_cache` or a previous output; its filled slots
+            come before the T new tokens.
+          use_cache: return the updated cache as `past_key_values` (default: when one was given); without
+            one a cache sized to the input is started. (HF defaults to config.use_cache, True.)
+          token_type_ids: (B, T) ids whose `wte` embeddings are added, as GPT-2 does.
+          output_attentions / output_hidden_states: also return `attentions` / `hidden_states`.
+          return_dict: False returns `to_tuple()` of the output (HF's order, Nones left out).
+          logits_to_keep: N > 0 computes the logits of the last N positions only (0: all).
+          encoder_hidden_states / encoder_attention_mask: cross-attention; not supported (must be None).
         """
-        train = self.training if train is None else train
-        cfg = self.config
-        _check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
-        T = np.shape(input_ids)[-1]
-        if T > cfg.n_positions:
-            raise UserError(f"input has {T} tokens but the model has n_positions={cfg.n_positions}")
-        _check_ids("position_ids", position_ids, cfg.n_positions, "n_positions")
-        if labels is not None and np.shape(labels) != np.shape(input_ids):
-            raise UserError(f"labels have shape {np.shape(labels)} but input_ids have {np.shape(input_ids)}")
-        if dropout_rng is None:
-            self._dropout_key, dropout_rng = jax.random.split(self._dropout_key)
-        as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-        return _forward(
-            self.module,
-            self.params,
-            as_int(input_ids),
-            as_int(attention_mask),
-            as_int(position_ids),
-            as_int(labels),
-            bool(train),
-            dropout_rng,
-        )
+        arguments = dict(locals())
+        del arguments["self"]
+        return self._forward(arguments, head=True)
 
     def generate(
         self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
@@ -194,23 +222,27 @@ class GPT2LMHeadModel:
             self._decoding = (self.params, decoding)
         return decoding
 
-    def num_parameters(self) -> int:
-        """Parameter count, the tied LM head counted once (as transformers does)."""
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+class GPT2Model(PretrainedGPT2):
+    """GPT-2 without the head: hidden states after ln_f, used like `transformers.GPT2Model`. Loads and saves
+    the same directories and runs as `GPT2LMHeadModel` (HF's GPT2Model loads what it saves)."""
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                 train: bool | None = None, dropout_rng: jax.Array | None = None, **options: Any
+                 ) -> BaseModelOutput | tuple:
+        """`GPT2LMHeadModel.__call__` without the head: returns `last_hidden_state` (B, T, n_embd) after ln_f.
+
+        `options`: that method's keyword arguments but `labels` and `logits_to_keep` (`past_key_values`,
+        `use_cache`, `inputs_embeds`, `token_type_ids`, `output_hidden_states`, ...)."""
+        defaults = {k: v.default for k, v in inspect.signature(GPT2LMHeadModel.__call__).parameters.items()
+                    if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "logits_to_keep"}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise UserError(f"GPT2Model got unknown arguments {', '.join(unknown)}; it takes input_ids, attention_mask, "
+                            f"position_ids, train, dropout_rng, {', '.join(defaults)}")
+        return self._forward({**defaults, **options, "input_ids": input_ids, "attention_mask": attention_mask,
+                              "position_ids": position_ids, "train": train, "dropout_rng": dropout_rng}, head=False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Hugging Face names -> arrays, including the tied `lm_head.weight`."""
-        state = hf.to_hf_state_dict(self.params)
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-        return state
-
-    def parameters(self) -> list[jax.Array]:
-        return jax.tree.leaves(self.params)
-
-    def train(self, mode: bool = True) -> GPT2LMHeadModel:
-        """Make dropout the default (`train=True`) for calls that do not say; returns self."""
-        self.training = mode
-        return self
-
-    def eval(self) -> GPT2LMHeadModel:
-        return self.train(False)
+        """Hugging Face's GPT2Model names (no `transformer.` prefix, no head) -> arrays."""
+        return {name.removeprefix("transformer."): array for name, array in hf.to_hf_state_dict(self.params).items()}

@@ -1,8 +1,8 @@
 """Jitted generation: prefill a KV cache with the prompt, then decode in `lax.while_loop`.
 
 Model-agnostic: a `Decoder` supplies `init_cache(batch, length)` and
-`tokens_to_logits(params, tokens_BxT, positions_BxT, mask_BxS, cache, cache_index)`, which
-returns the logits of the LAST of the T tokens (B, V) and the updated cache. The loop state is
+`tokens_to_logits(params, tokens_BxT, positions_BxT, mask_BxS, cache)`, which returns the
+logits of the LAST of the T tokens (B, V) and the updated cache (which knows how far it is filled). The loop state is
 a `SamplingState` dataclass; each sampling rule is a small pure function.
 
 Legend: B batch, P prompt slots (a bucket, left-padded), N new tokens, L = P + N, V vocab.
@@ -24,7 +24,7 @@ class Decoder(Protocol):
     def init_cache(self, batch_size: int, length: int) -> Any: ...
 
     def tokens_to_logits(
-        self, params: Any, tokens_BxT: jax.Array, positions_BxT: jax.Array, mask_BxS: jax.Array, cache: Any, index: Any
+        self, params: Any, tokens_BxT: jax.Array, positions_BxT: jax.Array, mask_BxS: jax.Array, cache: Any
     ) -> tuple[jax.Array, Any]: ...
 
 
@@ -103,7 +103,7 @@ def prefill(
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
     mask_BxL = jnp.concatenate([prompt_mask_BxP, jnp.ones((B, max_new_tokens), jnp.int32)], axis=1)
     logits_BxV, cache = decoder.tokens_to_logits(
-        params, prompt_BxP, positions_BxP, mask_BxL, decoder.init_cache(B, L), 0
+        params, prompt_BxP, positions_BxP, mask_BxL, decoder.init_cache(B, L)
     )
     return SamplingState(
         step=jnp.zeros((), jnp.int32),
@@ -144,7 +144,7 @@ def decode(
         slot = prompt_slots + state.step
         tokens_BxL = lax.dynamic_update_slice(state.tokens_BxL, token_B[:, None], (0, slot))
         logits_BxV, cache = decoder.tokens_to_logits(
-            params, token_B[:, None], state.next_position_B[:, None], state.mask_BxL, state.cache, slot
+            params, token_B[:, None], state.next_position_B[:, None], state.mask_BxL, state.cache
         )
         return state.replace(
             step=state.step + 1,

@@ -5,7 +5,10 @@ Two fixtures, one per config in tests/hf_reference.py, every tensor random:
   tiny_gpt2/, tiny_gpt2_expected.npz                    "odd" config: exact gelu, n_inner set, odd sizes
   tiny_gpt2_gelu_new/, tiny_gpt2_gelu_new_expected.npz  "even" config: GPT-2's defaults (gelu_new)
 
-Each .npz holds logits, loss and the gradient of every parameter for a batch with right and
+and tiny_gpt2_hf_api.npz: hidden states, attentions, inputs_embeds / token_type_ids logits and the
+cache after a prefix, of tiny_gpt2.
+
+Each of the first two .npz holds logits, loss and the gradient of every parameter for a batch with right and
 left padding, greedy generation from left-padded prompts of different lengths without EOS
 (generate_*), and greedy generation with an EOS the rows emit at different steps
 (generate_eos_*; transformers stops once every row is done, so generate_eos_expected may be
@@ -125,12 +128,53 @@ def write_fixture(name: str) -> None:
           f"transformers stops after {generated_eos.shape[1] - prompts.shape[1]} of {max_new_tokens} new tokens")
 
 
+API_FIXTURE = "tiny_gpt2_hf_api.npz"  # the forward interface's outputs of tiny_gpt2 (the "gelu" fixture)
+
+
+def write_api_fixture() -> None:
+    """hidden_states, attentions, token_type_ids and inputs_embeds logits, and the cache after a prefix, of
+    the saved tiny_gpt2 checkpoint (eager attention), for tests/test_model.py without torch."""
+    import torch
+    import transformers
+
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    model = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(fixtures, "tiny_gpt2"), attn_implementation="eager")
+    model.eval()
+    rng = np.random.default_rng(1)
+    vocab_size, n_embd = model.config.vocab_size, model.config.n_embd
+    input_ids = rng.integers(0, vocab_size, size=(2, 9))
+    attention_mask = np.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+    token_type_ids = rng.integers(0, vocab_size, size=input_ids.shape)
+    inputs_embeds = rng.normal(size=(*input_ids.shape, n_embd)).astype(np.float32)
+    long = lambda x: torch.as_tensor(x, dtype=torch.long)
+    with torch.no_grad():
+        full = model(long(input_ids), attention_mask=long(attention_mask), position_ids=long(position_ids),
+                     output_hidden_states=True, output_attentions=True)
+        prefix = model(long(input_ids[:, :5]), use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        arrays = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds,
+            "token_type_logits": model(long(input_ids), token_type_ids=long(token_type_ids)).logits.numpy(),
+            "inputs_embeds_logits": model(inputs_embeds=torch.as_tensor(inputs_embeds)).logits.numpy(),
+            **{f"hidden_states:{i}": h.numpy() for i, h in enumerate(full.hidden_states)},
+            **{f"attentions:{i}": a.numpy() for i, a in enumerate(full.attentions)},
+            **{f"prefix_keys:{i}": layer.keys.numpy() for i, layer in enumerate(cache.layers)},
+            **{f"prefix_values:{i}": layer.values.numpy() for i, layer in enumerate(cache.layers)},
+        }
+    np.savez_compressed(os.path.join(fixtures, API_FIXTURE), **arrays)
+    print(f"wrote {API_FIXTURE}")
+
+
 def main() -> None:
     import torch
     import transformers
 
     for name in FIXTURES:
         write_fixture(name)
+    write_api_fixture()
     print(f"with torch {torch.__version__}, transformers {transformers.__version__}")
 
 

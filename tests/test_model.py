@@ -95,6 +95,29 @@ def test_greedy_generation_with_eos_matches_transformers_fixture(tiny, expected)
     assert np.all(out[:, stop:] == pad)
 
 
+def test_hf_forward_outputs_match_transformers_fixture():
+    """Without torch: hidden_states, attentions, token_type_ids / inputs_embeds logits and the cache after a
+    prefix of tiny_gpt2 against transformers' (tests/test_hf_api.py checks them live when it is installed)."""
+    expected = dict(np.load(os.path.join(FIXTURES, "tiny_gpt2_hf_api.npz")))
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny_gpt2"))
+    ids, mask = expected["input_ids"], expected["attention_mask"]
+    out = model(ids, mask, expected["position_ids"], output_hidden_states=True, output_attentions=True)
+    real = mask.astype(bool)
+    assert len(out.hidden_states) == model.config.n_layer + 1 == len(out.attentions) + 1
+    for i, state in enumerate(out.hidden_states):
+        np.testing.assert_allclose(np.asarray(state)[real], expected[f"hidden_states:{i}"][real], atol=1e-5)
+    for i, weights in enumerate(out.attentions):
+        rows = np.broadcast_to(real[:, None, :, None], weights.shape)  # padded queries see no key
+        np.testing.assert_allclose(np.asarray(weights)[rows], expected[f"attentions:{i}"][rows], atol=1e-5)
+    np.testing.assert_allclose(model(ids, token_type_ids=expected["token_type_ids"]).logits,
+                               expected["token_type_logits"], atol=1e-5)
+    np.testing.assert_allclose(model(inputs_embeds=expected["inputs_embeds"]).logits,
+                               expected["inputs_embeds_logits"], atol=1e-5)
+    for i, (key, value) in enumerate(model(ids[:, :5], use_cache=True).past_key_values.to_legacy_cache()):
+        np.testing.assert_allclose(key, expected[f"prefix_keys:{i}"], atol=1e-5)
+        np.testing.assert_allclose(value, expected[f"prefix_values:{i}"], atol=1e-5)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["causal path", "masked path"])
 def test_bfloat16_logits_close_to_float32_with_peaked_attention(tiny, padded):
     """Both attention paths: without a mask (the causal fast path) and with right padding (the masked one)."""
@@ -186,10 +209,11 @@ def test_cached_decoding_equals_full_forward():
     full, _ = model.module.apply({"params": model.params}, ids)
     cache = init_cache(SMALL, batch_size=2, length=16)
     mask = jnp.ones((2, 16), jnp.int32)
-    prefill, cache = model.module.apply({"params": model.params}, ids[:, :7], mask, cache=cache, cache_index=0)
+    prefill, cache = model.module.apply({"params": model.params}, ids[:, :7], mask, cache=cache)
     steps = [prefill]
     for t in range(7, 10):
-        logits, cache = model.module.apply({"params": model.params}, ids[:, t : t + 1], mask, cache=cache, cache_index=t)
+        logits, cache = model.module.apply({"params": model.params}, ids[:, t : t + 1], mask, cache=cache)
+        assert int(cache[0].index) == t + 1
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
@@ -218,10 +242,10 @@ def test_attention_dropout_path_equals_fused_attention_without_dropout():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 8)) for i in range(3))
     mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :, :2].set(False)
     fused = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    manual = dot_product_attention_with_dropout(q, k, v, mask, 0.0, jax.random.key(0))
+    manual, _ = dot_product_attention_with_dropout(q, k, v, mask, 0.0, jax.random.key(0))
     np.testing.assert_allclose(manual[:, 2:], fused[:, 2:], atol=1e-5)
     np.testing.assert_allclose(manual[0], fused[0], atol=1e-5)
-    dropped = dot_product_attention_with_dropout(q, k, v, mask, 0.5, jax.random.key(0))
+    dropped, _ = dot_product_attention_with_dropout(q, k, v, mask, 0.5, jax.random.key(0))
     assert np.abs(dropped - manual).max() > 1e-2
 
 

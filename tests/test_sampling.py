@@ -136,7 +136,7 @@ class CountingDecoder:
     def init_cache(self, batch_size, length):
         return jnp.zeros((), jnp.int32)
 
-    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
+    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache):
         return jax.nn.one_hot((tokens_BxT[:, -1] + 1) % self.vocab_size, self.vocab_size) * 10.0, cache + 1
 
 
@@ -302,7 +302,7 @@ class UniformDecoder(CountingDecoder):
 
     vocab_size: int = 1000
 
-    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache, index):
+    def tokens_to_logits(self, params, tokens_BxT, positions_BxT, mask_BxS, cache):
         return jnp.zeros((tokens_BxT.shape[0], self.vocab_size)), cache + 1
 
 

@@ -69,10 +69,12 @@ def nanogpt_tokens_per_s(nanogpt_dir: str, train_bin: str, vocab_size: int, step
 
 def gpt2jax_tokens_per_s(steps: int, log_every: int, workdir: str) -> float:
     command = [sys.executable, "-m", "gpt2jax.cli", "train", "--config", EXPERIMENT, "--workdir", workdir,
-               "--no-progress", "--overwrite", f"--config.train.max_steps={steps}",
-               f"--config.train.log_every={log_every}", "--config.train.eval_every=0",
+               "--no-progress", f"--config.train.max_steps={steps}",
+               f"--config.train.log_every={log_every}", f"--config.train.eval_every={steps}",
                "--config.train.sample_every=0", f"--config.train.checkpoint_every={steps}"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"gpt2jax train failed:\n{done.stderr[-2000:]}")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rates = [r["tokens_per_s"] for r in map(json.loads, f) if r.get("split") == "train" and r["step"] > log_every]
     return statistics.median(rates)
@@ -99,9 +101,9 @@ def main() -> None:
           f" x {config.data.block_size}, fp32, CPU; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     ours, theirs = [], []
     with tempfile.TemporaryDirectory() as workdir:
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             theirs.append(nanogpt_tokens_per_s(args.nanogpt, train_bin, vocab_size, args.steps, args.log_every, config))
-            ours.append(gpt2jax_tokens_per_s(args.steps, args.log_every, os.path.join(workdir, "run")))
+            ours.append(gpt2jax_tokens_per_s(args.steps, args.log_every, os.path.join(workdir, f"run{round_}")))
             print(f"  nanoGPT {theirs[-1]:8.0f} tok/s   gpt2jax train {ours[-1]:8.0f} tok/s   "
                   f"ratio {ours[-1] / theirs[-1]:.2f}x", flush=True)
     print(f"median ratio {statistics.median(o / t for o, t in zip(ours, theirs)):.2f}x")

@@ -244,7 +244,8 @@ class Run:
         """Keep a step's device metrics for the next log; the first step's compile is not timed."""
         self.pending.append(metrics)
         if compiled:
-            jax.block_until_ready(metrics)
+            with host_sync():  # the compile is not timed
+                jax.block_until_ready(metrics)
             self.restart_clock()
         else:
             self.timed_steps += 1

@@ -292,3 +292,46 @@ def test_bfloat16_compute_trains_like_float32(smoke_run, cache_dir, tmp_path):
     model = GPT2LMHeadModel.from_pretrained(run_dir)
     assert model.config.dtype == "bfloat16" and all(p.dtype == jnp.float32 for p in model.parameters())
 
+
+
+def test_the_loop_reads_device_values_only_in_its_actions(cache_dir, tmp_path, monkeypatch):
+    """Between log steps the loop must not wait for the device: every read of a device value on the loop's
+    thread (device_get, block_until_ready, an array's value: float(), .item(), bool(), ...) happens inside
+    `host_sync`, which only the actions (log, evaluate, sample, save) and the setup enter."""
+    import contextlib
+    import threading
+
+    from jax._src.array import ArrayImpl
+
+    from gpt2jax import trainer
+
+    depth, stray, main = [0], [], threading.main_thread()
+    real_sync = trainer.host_sync
+
+    @contextlib.contextmanager
+    def counted():
+        depth[0] += 1
+        try:
+            with real_sync():
+                yield
+        finally:
+            depth[0] -= 1
+
+    def watch(read):
+        def watched(*args, **kwargs):
+            if depth[0] == 0 and threading.current_thread() is main:
+                stray.append(read.__name__)
+            return read(*args, **kwargs)
+        return watched
+
+    monkeypatch.setattr(trainer, "host_sync", counted)
+    monkeypatch.setattr(jax, "device_get", watch(jax.device_get))
+    monkeypatch.setattr(jax, "block_until_ready", watch(jax.block_until_ready))
+    monkeypatch.setattr(ArrayImpl, "_value", property(watch(ArrayImpl._value.fget)))
+    monkeypatch.setattr(ArrayImpl, "__array__", watch(ArrayImpl.__array__))
+    config = smoke(cache_dir, "--config.train.max_steps=20", "--config.train.log_every=10",
+                   "--config.train.checkpoint_every=20", "--config.train.eval_every=10", "--config.train.sample_every=0")
+    run_training(config, str(tmp_path / "run"), progress=False)
+    assert stray == [], f"the loop read device values outside its actions: {stray}"
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if r["split"] == "train"] == [10, 20]  # it did log

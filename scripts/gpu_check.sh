@@ -4,7 +4,8 @@
 #   versions and device; fp32 parity with the transformers fixture on the GPU (<= 1e-5) and the precision
 #   in use; the attention implementation XLA compiled (cuDNN flash or not); `gpt2jax bench` forward and
 #   train (124M, bf16, 16 x 1024) and decode (batch 1, 8, 64; bf16 and fp32); a 50-step `gpt2jax train` of
-#   124M bf16 16 x 1024 with tokens/s and MFU from its metrics.jsonl, against the bench step.
+#   124M bf16 16 x 1024 with tokens/s and MFU from its metrics.jsonl, against the bench step; the HF forward
+#   interface (hidden states, attentions, the cache) against the transformers fixture on the GPU.
 #
 #   bash scripts/gpu_check.sh
 #
@@ -58,6 +59,35 @@ for dtype in ("bfloat16", "float32"):
     hlo = jax.jit(lambda p, x: model.module.apply({"params": p}, x)[0]).lower(model.params, ids).compile().as_text()
     flash = [line.split("custom_call_target=")[1].split(",")[0] for line in hlo.splitlines() if "custom_call_target=\"__cudnn" in line]
     print(f"{dtype} 124M 16x1024 forward attention: {sorted(set(flash)) or 'XLA (no cuDNN fused attention)'}")
+EOF
+
+section "the Hugging Face forward interface on the GPU (fp32, against the transformers fixture)"
+$PY - <<'EOF' 2>&1 | tee -a "$REPORT"
+import numpy as np
+from gpt2jax import GPT2LMHeadModel
+e = dict(np.load("tests/fixtures/tiny_gpt2_hf_api.npz"))
+model = GPT2LMHeadModel.from_pretrained("tests/fixtures/tiny_gpt2")
+ids, mask, pos = e["input_ids"], e["attention_mask"], e["position_ids"]
+out = model(ids, mask, pos, output_hidden_states=True, output_attentions=True)
+real = mask.astype(bool)
+rows = lambda a: np.broadcast_to(real[:, None, :, None], a.shape)  # padded queries see no key: not compared
+worst = {
+    "hidden_states": max(float(np.abs(np.asarray(h)[real] - e[f"hidden_states:{i}"][real]).max())
+                         for i, h in enumerate(out.hidden_states)),
+    "attentions": max(float(np.abs(np.asarray(a)[rows(a)] - e[f"attentions:{i}"][rows(a)]).max())
+                      for i, a in enumerate(out.attentions)),
+    "cache keys after a prefix": max(float(np.abs(np.asarray(k) - e[f"prefix_keys:{i}"]).max()) for i, (k, _)
+                                     in enumerate(model(ids[:, :5], use_cache=True).past_key_values.to_legacy_cache())),
+}
+full = np.asarray(model(ids, mask, pos).logits)
+step = model(ids[:, :4], mask[:, :4], pos[:, :4], use_cache=True)
+pieces = [step.logits]
+for t in range(4, ids.shape[1]):
+    step = model(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past_key_values=step.past_key_values)
+    pieces.append(step.logits)
+worst["cached, one token at a time, vs the full forward"] = float(np.abs(np.concatenate(pieces, 1)[real] - full[real]).max())
+for name, diff in worst.items():
+    print(f"{name}: max diff {diff:.2e}  ({'OK' if diff <= 1e-5 else 'FAIL'} at 1e-5)")
 EOF
 
 section "the train loop reads device values only in its actions (transfer guard on the GPU)"

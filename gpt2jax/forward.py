@@ -104,9 +104,9 @@ def prepare(config: GPT2Config, input_ids: Any, inputs_embeds: Any, attention_ma
     else:
         cache, attention_mask = _fit_cache(config, cache, attention_mask, B, T)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-    return dict(input_ids=as_int(input_ids), inputs_embeds=None if inputs_embeds is None else jnp.asarray(inputs_embeds),
-                attention_mask=as_int(attention_mask), position_ids=as_int(position_ids),
-                token_type_ids=as_int(token_type_ids), cache=cache)
+    embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
+    return dict(input_ids=as_int(input_ids), inputs_embeds=embeds, attention_mask=as_int(attention_mask),
+                position_ids=as_int(position_ids), token_type_ids=as_int(token_type_ids), cache=cache)
 
 
 def _fit_cache(config: GPT2Config, cache: Cache, attention_mask: Any, B: int, T: int) -> tuple[Cache, Any]:

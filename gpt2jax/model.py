@@ -22,7 +22,6 @@ from jax import lax
 
 from gpt2jax.config import ACTIVATIONS, GPT2Config
 
-
 IGNORE_INDEX = -100  # label value that the loss skips, as in PyTorch / Hugging Face
 
 
@@ -265,7 +264,8 @@ class GPT2Module(GPT2Part):
             new_cache = []
             for i, block in enumerate(self.h):
                 self.sow("hidden_states", "states", x_BxTxD)
-                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=None if cache is None else cache[i])
+                layer_cache = None if cache is None else cache[i]
+                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=layer_cache)
                 new_cache.append(layer_cache)
             h_BxTxD = self.ln_f(x_BxTxD)
             self.sow("hidden_states", "states", h_BxTxD)

@@ -238,8 +238,8 @@ class GPT2Model(PretrainedGPT2):
                     if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "logits_to_keep"}
         unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise UserError(f"GPT2Model got unknown arguments {', '.join(unknown)}; it takes input_ids, attention_mask, "
-                            f"position_ids, train, dropout_rng, {', '.join(defaults)}")
+            raise UserError(f"GPT2Model got unknown arguments {', '.join(unknown)}; it takes input_ids, "
+                            f"attention_mask, position_ids, train, dropout_rng, {', '.join(defaults)}")
         return self._forward({**defaults, **options, "input_ids": input_ids, "attention_mask": attention_mask,
                               "position_ids": position_ids, "train": train, "dropout_rng": dropout_rng}, head=False)
 

@@ -180,8 +180,8 @@ class Checkpoints:
             reason = _os_failure(e)
             if reason is None:
                 raise
-            # the writes abandoned with it warn at exit that they were never awaited
-            warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
+            if not os.environ.get("GPT2JAX_DEBUG"):  # the writes abandoned with it warn at exit: never awaited
+                warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
             raise UserError(f"{self.directory}: a checkpoint could not be written ({reason}); "
                             f"the steps saved before it are intact: {self.all_steps()}") from None
 

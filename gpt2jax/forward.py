@@ -112,8 +112,8 @@ def prepare(config: GPT2Config, input_ids: Any, inputs_embeds: Any, attention_ma
 def _fit_cache(config: GPT2Config, cache: Cache, attention_mask: Any, B: int, T: int) -> tuple[Cache, Any]:
     """Grow `cache` (doubling, at most n_positions slots) when the T new tokens do not fit; an attention mask
     over the filled + new slots (PyTorch style) is padded to all slots, one over all slots (Flax style) kept."""
-    if cache.layers[0].key_BxSxHxK.shape[0] != B or len(cache) != config.n_layer:
-        raise UserError(f"the cache is for batch {cache.layers[0].key_BxSxHxK.shape[0]} and {len(cache)} layers; "
+    if cache.batch_size != B or len(cache) != config.n_layer:
+        raise UserError(f"the cache is for batch {cache.batch_size} and {len(cache)} layers; "
                         f"the input has batch {B} and the model {config.n_layer} layers")
     if isinstance(cache.index, jax.core.Tracer):  # inside the user's jit: no values to plan with
         return cache, attention_mask

@@ -55,6 +55,10 @@ class Cache:
         return self.layers[0].index
 
     @property
+    def batch_size(self) -> int:
+        return self.layers[0].key_BxSxHxK.shape[0]
+
+    @property
     def max_length(self) -> int:
         return self.layers[0].key_BxSxHxK.shape[1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any, Iterator
@@ -234,8 +235,7 @@ class GPT2Model(PretrainedGPT2):
 
         `options`: that method's keyword arguments but `labels` and `logits_to_keep` (`past_key_values`,
         `use_cache`, `inputs_embeds`, `token_type_ids`, `output_hidden_states`, ...)."""
-        defaults = {k: v.default for k, v in inspect.signature(GPT2LMHeadModel.__call__).parameters.items()
-                    if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "logits_to_keep"}
+        defaults = _base_model_options()
         unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise UserError(f"GPT2Model got unknown arguments {', '.join(unknown)}; it takes input_ids, "
@@ -246,3 +246,11 @@ class GPT2Model(PretrainedGPT2):
     def state_dict(self) -> dict[str, np.ndarray]:
         """Hugging Face's GPT2Model names (no `transformer.` prefix, no head) -> arrays."""
         return {name.removeprefix("transformer."): array for name, array in hf.to_hf_state_dict(self.params).items()}
+
+
+@functools.cache
+def _base_model_options() -> dict[str, Any]:
+    """`GPT2Model.__call__`'s keyword options and their defaults: `GPT2LMHeadModel.__call__`'s keyword-only
+    arguments but `logits_to_keep` (read from its signature once)."""
+    return {k: v.default for k, v in inspect.signature(GPT2LMHeadModel.__call__).parameters.items()
+            if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "logits_to_keep"}

@@ -206,7 +206,7 @@ def test_gpt2model_is_the_base_of_the_lm_and_round_trips_through_transformers(tm
         base(ids, labels=ids, logits_to_keep=1)
 
 
-def test_forward_argument_errors_are_one_clear_line(tmp_path):
+def test_forward_argument_errors_are_one_clear_line():
     model = random_model("h5", seed=12)
     ids = np.zeros((2, 4), int)
     cache = model(ids, use_cache=True).past_key_values

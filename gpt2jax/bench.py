@@ -7,12 +7,13 @@ against a matmul measured now in the compute dtype on one device; the header say
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import jax
 import numpy as np
 
-from gpt2jax import perf
+from gpt2jax import attention, perf
 from gpt2jax.config import GPT2Config
 from gpt2jax.experiment import base_config
 from gpt2jax.model import GPT2LMHeadModule
@@ -20,20 +21,23 @@ from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.train import init_state, make_optimizer, pmapped_steps, replicate, shard_batch
 
 
-def run_bench(size: str, dtypes: list[str], what: list[str], batches: list[int], seq: int, new_tokens: int,
-              repeats: int) -> None:
-    """Print forward and train-step throughput (each dtype, each batch) and decode throughput with the
-    first call's time (compile included) for each dtype and batch."""
+def run_bench(size: str, dtypes: list[str], attentions: list[str], what: list[str], batches: list[int], seq: int,
+              new_tokens: int, repeats: int) -> None:
+    """Print forward and train-step throughput (each dtype, attention implementation and batch) and decode
+    throughput with the first call's time (compile included) for each dtype and batch."""
     kind = jax.devices()[0].device_kind
     print(f"{size}; jax {jax.__version__}, {jax.local_device_count()} x {kind}")
-    for dtype in dtypes:
-        config = GPT2Config.from_size(size, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    for dtype, implementation in itertools.product(dtypes, attentions):
+        config = GPT2Config.from_size(size, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attention=implementation)
+        runs = attention.check(config, attention.current_platform(), seq, train=False)
         model = GPT2LMHeadModel(config, seed=0)
         peak, source = perf.datasheet_peak(kind), "datasheet"
         if peak is None and ("forward" in what or "train" in what):  # 4096^3 takes seconds on a CPU
             peak, source = perf.matmul_peak(dtype, n=2048 if jax.default_backend() == "cpu" else 4096), "measured"
-        print(f"{size} ({model.num_parameters() / 1e6:.1f}M) {dtype}" +
-              (f"; {source} peak {peak / 1e12:.2f} TFLOP/s per device" if peak else ""))
+        print(f"{size} ({model.num_parameters() / 1e6:.1f}M) {dtype}, attention={implementation}" +
+              (f"; {source} peak {peak / 1e12:.2f} TFLOP/s per device" if peak else "") +
+              f"; {attention.describe(*runs)}")
         for batch in batches:
             ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
             if "forward" in what:

@@ -132,6 +132,8 @@ def add_bench(commands: Any) -> None:
     bench.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
     bench.add_argument("--new-tokens", type=positive_int, default=128, help="decode: tokens generated after a 32-token prompt")
     bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--attention", nargs="+", default=["auto"],
+                       help="attention implementations to measure side by side: auto, xla, cudnn, splash")
     bench.set_defaults(handler=run_bench)
 
 
@@ -238,7 +240,7 @@ def run_bench(args: argparse.Namespace) -> None:
     decode_only = args.what == ["decode"]
     dtypes = args.dtype or (["bfloat16", "float32"] if decode_only else ["float32"])
     batches = args.batch or ([1, 8, 64] if decode_only else [1])
-    bench(args.size, dtypes, args.what, batches, args.seq, args.new_tokens, args.repeats)
+    bench(args.size, dtypes, args.attention, args.what, batches, args.seq, args.new_tokens, args.repeats)
 
 
 def run_sample(args: argparse.Namespace) -> None:

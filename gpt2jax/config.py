@@ -18,6 +18,8 @@ from gpt2jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MATMUL_PRECISIONS = (None, "default", "high", "highest")
+# How attention runs (gpt2jax.attention): "auto" picks the fused kernel of the platform a program is lowered for.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # The MLP nonlinearities, by Hugging Face's names; gelu_new (GPT-2's) is the tanh approximation.
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,6 +86,9 @@ class GPT2Config:
     # float32 matmuls to tf32 / bf16 passes: 4e-3 logit error on an H200), XLA's default for bfloat16
     # and on CPUs (exact for float32 there)
     matmul_precision: str | None = None
+    # attention implementation: "auto" (cuDNN on NVIDIA GPUs and splash on TPUs where they apply, else XLA),
+    # "xla", "cudnn" or "splash" (see gpt2jax.attention); how the model runs, not what it computes
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +119,9 @@ class GPT2Config:
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise UserError(f"GPT2Config.matmul_precision={self.matmul_precision!r} is not one of "
                             f"{', '.join(map(repr, MATMUL_PRECISIONS))}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"GPT2Config.attention={self.attention!r} is not one of "
+                            f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(
@@ -178,6 +186,7 @@ class GPT2Config:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("param_dtype")
         fields.pop("matmul_precision")
+        fields.pop("attention")  # how this machine runs it, not part of the model
         compute_dtype = fields.pop("dtype")
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -199,7 +208,7 @@ class GPT2Config:
             if key in data and data[key] != default:
                 raise UserError(f"config.json sets {key}={data[key]!r}; gpt2jax supports only {key}={default!r}")
         jax_fields = ("dtype", "param_dtype", "matmul_precision")
-        names = {f.name for f in dataclasses.fields(cls)} - set(jax_fields)
+        names = {f.name for f in dataclasses.fields(cls)} - set(jax_fields) - {"attention"}
         fields = {k: v for k, v in data.items() if k in names}
         gpt2jax = data.get("gpt2jax") if isinstance(data.get("gpt2jax"), dict) else {}
         fields.update({k: v for k, v in gpt2jax.items() if k in jax_fields})

@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attn_pdrop = 0.0  # dropout on attention probabilities (probability)
     c.model.layer_norm_epsilon = 1e-5
     c.model.initializer_range = 0.02  # std of the normal init
+    c.model.attention = "auto"  # "auto" (the GPU's / TPU's fused kernel where it applies, else XLA), "xla", "cudnn",
+    # "splash": see gpt2jax/attention.py
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "pystdlib"  # "pystdlib", a local file / directory / glob, or a Hugging Face hub dataset name
@@ -166,6 +168,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_token_i
 RESUME_SAFE_KEYS = {
     "data.cache_dir", "data.num_proc", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.sample_every", "train.sample_prompt", "train.sample_tokens", "train.keep_checkpoints", "train.keep_best",
+    "model.attention",  # how attention runs (a run moves between GPU, TPU and CPU), not what it computes
 }
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from gpt2jax.attention import attend
 from gpt2jax.config import ACTIVATIONS, GPT2Config
 
 IGNORE_INDEX = -100  # label value that the loss skips, as in PyTorch / Hugging Face
@@ -83,35 +84,6 @@ def init_cache(config: GPT2Config, batch_size: int, length: int) -> Cache:
     return Cache(tuple(KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32)) for _ in range(config.n_layer)))
 
 
-def attention_mask_BxTxS(attention_mask_BxS: jax.Array, query_length: int, cache_index: Any = 0) -> jax.Array:
-    """Causal mask combined with key padding: query t (slot cache_index + t) sees slots <= its own."""
-    key_length = attention_mask_BxS.shape[1]
-    query_slot_T = cache_index + jnp.arange(query_length)
-    causal_TxS = jnp.arange(key_length)[None, :] <= query_slot_T[:, None]
-    return causal_TxS[None] & attention_mask_BxS.astype(bool)[:, None, :]
-
-
-def dot_product_attention_with_dropout(
-    q_BxTxHxK: jax.Array,
-    k_BxSxHxK: jax.Array,
-    v_BxSxHxK: jax.Array,
-    mask_BxTxS: jax.Array,
-    dropout_rate: float,
-    dropout_rng: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention that materialises its (B, H, T, S) probabilities, with dropout on them: the path
-    for attn_pdrop > 0 in training and for `output_attentions`. Returns the output and the probabilities
-    (after dropout, as Hugging Face returns them)."""
-    scale = 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
-    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
-    logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS * scale, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-    if dropout_rate > 0.0:
-        keep_BxHxTxS = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
-        probs_BxHxTxS = jnp.where(keep_BxHxTxS, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK), probs_BxHxTxS
-
-
 class Linear(nn.Module):
     """HF's Conv1D: y = x @ kernel + bias with kernel (in, out), the layout HF checkpoints use.
 
@@ -151,12 +123,13 @@ class GPT2Part(nn.Module):
 
 
 class Attention(GPT2Part):
-    """Causal multi-head self-attention with a fused qkv projection and an optional KV cache."""
+    """Causal multi-head self-attention with a fused qkv projection and an optional KV cache; the attention
+    itself is `gpt2jax.attention.attend`, the one home of every implementation."""
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array | None, *, train: bool,
+    def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, *, train: bool,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """`mask_BxTxS` None: plain causal attention over the T inputs (no padding, no cache).
+        """`mask_BxS` marks real keys (1) and padding (0), None when nothing is padded.
 
         The probabilities are materialised when dropout applies to them, and when the "attentions"
         collection is mutable, which then receives them ((B, H, T, S) float32, as HF's `attentions`)."""
@@ -167,25 +140,20 @@ class Attention(GPT2Part):
             part.reshape(B, T, cfg.n_head, cfg.head_dim) for part in jnp.split(qkv_BxTx3D, 3, axis=-1)
         )
         if cache is None:
-            k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
+            k_BxSxHxK, v_BxSxHxK, cache_index = k_BxTxHxK, v_BxTxHxK, None
         else:
             write = lambda old, new: lax.dynamic_update_slice(old, new.astype(old.dtype), (0, cache.index, 0, 0))
+            cache_index = cache.index
             cache = KVCache(write(cache.key_BxSxHxK, k_BxTxHxK), write(cache.value_BxSxHxK, v_BxTxHxK), cache.index + T)
             k_BxSxHxK, v_BxSxHxK = cache.key_BxSxHxK, cache.value_BxSxHxK
         k_BxSxHxK, v_BxSxHxK = k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype)
 
-        dropout = cfg.attn_pdrop if train else 0.0
-        if dropout > 0.0 or self.is_mutable_collection("attentions"):
-            if mask_BxTxS is None:
-                mask_BxTxS = attention_mask_BxTxS(jnp.ones((B, T), bool), T)
-            out_BxTxHxK, probs_BxHxTxS = dot_product_attention_with_dropout(
-                q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, dropout, self.make_rng("dropout") if dropout else None
-            )
+        weights = self.is_mutable_collection("attentions")
+        dropout_rng = self.make_rng("dropout") if train and cfg.attn_pdrop > 0 else None
+        out_BxTxHxK, probs_BxHxTxS = attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxS, positions_BxT, config=cfg,
+                                           cache_index=cache_index, dropout_rng=dropout_rng, weights=weights)
+        if probs_BxHxTxS is not None:
             self.sow("attentions", "weights", probs_BxHxTxS)
-        elif mask_BxTxS is None:  # nothing padded: causal, and cuDNN flash attention on GPUs in bf16 / fp16
-            out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
-        else:
-            out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None])
         y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(
             out_BxTxHxK.reshape(B, T, D))
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train), cache
@@ -207,10 +175,11 @@ class Block(GPT2Part):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array | None, *, train: bool,
+    def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, *, train: bool,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         attention = Attention(self.config, self.transposed_kernels, name="attn")
-        attn_BxTxD, cache = attention(_layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxTxS, train=train, cache=cache)
+        attn_BxTxD, cache = attention(_layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxS, positions_BxT,
+                                      train=train, cache=cache)
         x_BxTxD = x_BxTxD + attn_BxTxD
         mlp = MLP(self.config, self.transposed_kernels, name="mlp")
         x_BxTxD = x_BxTxD + mlp(_layer_norm(self.config, "ln_2")(x_BxTxD), train=train)
@@ -247,18 +216,16 @@ class GPT2Module(GPT2Part):
         """Hidden states after `ln_f`, and the updated cache.
 
         `attention_mask_BxS` marks real tokens (1) and padding (0) over the S key slots: the T inputs
-        without a cache, all the cache's slots with one; None without a cache: nothing padded, so the
-        causal fast path. `position_ids_BxT` default to `cache.index + arange(T)`.
+        without a cache, all the cache's slots with one; None: nothing padded (without a cache, the causal
+        path that fused kernels take, see `gpt2jax.attention`). `position_ids_BxT` default to
+        `cache.index + arange(T)`.
         `inputs_embeds_BxTxD` replace the token embeddings; `token_type_ids_BxT` add theirs (from `wte`, as
         GPT-2 does). With the "hidden_states" collection mutable it receives HF's `hidden_states`: the
         input of every block, then the output of `ln_f`."""
         B, T = (input_ids_BxT if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD).shape[:2]
         offset = 0 if cache is None else cache.index
-        if attention_mask_BxS is None and cache is not None:
-            attention_mask_BxS = jnp.ones((B, cache.max_length), jnp.int32)
         if position_ids_BxT is None:
             position_ids_BxT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
-        mask_BxTxS = None if attention_mask_BxS is None else attention_mask_BxTxS(attention_mask_BxS, T, offset)
         with self.config.matmul_precision_context():
             x_BxTxD = self.wte(input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
             x_BxTxD = x_BxTxD.astype(self.config.compute_dtype) + self.wpe(position_ids_BxT)
@@ -269,7 +236,8 @@ class GPT2Module(GPT2Part):
             for i, block in enumerate(self.h):
                 self.sow("hidden_states", "states", x_BxTxD)
                 layer_cache = None if cache is None else cache[i]
-                x_BxTxD, layer_cache = block(x_BxTxD, mask_BxTxS, train=train, cache=layer_cache)
+                x_BxTxD, layer_cache = block(x_BxTxD, attention_mask_BxS, position_ids_BxT, train=train,
+                                             cache=layer_cache)
                 new_cache.append(layer_cache)
             h_BxTxD = self.ln_f(x_BxTxD)
             self.sow("hidden_states", "states", h_BxTxD)

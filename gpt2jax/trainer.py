@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt2jax import hf, perf, rundir
+from gpt2jax import attention, hf, perf, rundir
 from gpt2jax.batches import BatchSampler, Placement, Prefetcher, validation_batches
 from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.config import GPT2Config
@@ -92,6 +92,7 @@ class Plan:
     bins: TokenBins
     tokenizer: Tokenizer
     initial_params: Any
+    attention: tuple[str, str]  # (implementation, why) of the train step's attention
     overwrite: list[str]  # run entries --overwrite removes
     fork_from: str | None
 
@@ -100,6 +101,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
              progress: bool) -> Plan:
     """Validate and resolve everything a run needs; raises UserError before anything is written."""
     validate_experiment(config, jax.device_count())
+    platform = attention.current_platform()
+    attention.check_platform(config.model.attention, platform)  # before minutes of tokenizing
     rundir.check_workdir(workdir)
     if not overwrite and os.path.isfile(os.path.join(workdir, "config.json")):
         rundir.read_resolved_config(workdir)  # a damaged run is reported before minutes of tokenizing
@@ -110,10 +113,15 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"])
+    runs = attention.check(model, platform, config.data.block_size, train=uses_dropout(model))
     resolved = resolve(config, model)
     if not overwrite and not fork_from:
         rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS)
-    return Plan(config, resolved, model, bins, tokenizer, initial_params(config, model), removed, fork_from)
+    return Plan(config, resolved, model, bins, tokenizer, initial_params(config, model), runs, removed, fork_from)
+
+
+def uses_dropout(model: GPT2Config) -> bool:
+    return max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0
 
 
 def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
@@ -184,8 +192,11 @@ class Run:
             stack.enter_context(contextlib.closing(rundir.lock(workdir)))
             rundir.remove_run_entries(workdir, plan.overwrite)
             rundir.write_json(os.path.join(workdir, "config.json"), plan.resolved)
-        self.status = stack.enter_context(rundir.RunStatus(workdir, run_info() | {"forked_from": plan.fork_from},
-                                                           enabled=self.main))
+        implementation, why = plan.attention
+        if self.main:
+            print(attention.describe(implementation, why), flush=True)
+        info = run_info() | {"forked_from": plan.fork_from, "attention": {"implementation": implementation, "why": why}}
+        self.status = stack.enter_context(rundir.RunStatus(workdir, info, enabled=self.main))
         self.checkpoints = stack.enter_context(contextlib.closing(
             Checkpoints(workdir, keep=t.keep_checkpoints, keep_best=t.keep_best)))
         self.log_file = stack.enter_context(contextlib.closing(RunLog(workdir, enabled=self.main)))
@@ -197,7 +208,7 @@ class Run:
         self.optimizer, schedule = make_optimizer(c.optim, t.max_steps)
         m = plan.model
         self.p_train, self.p_eval = pmapped_steps(module, self.optimizer, schedule, t.grad_accum_steps,
-                                                  dropout=max(m.resid_pdrop, m.embd_pdrop, m.attn_pdrop) > 0)
+                                                  dropout=uses_dropout(m))
         block = c.data.block_size
         where = Placement(jax.process_index(), jax.process_count(), jax.local_device_count())
         self.sampler = BatchSampler(plan.bins.tokens("train"), block, t.global_batch_size, t.seed, where)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command that measures gpt2jax on a CUDA machine (about 5 minutes on one H200) and writes the figures
 # to ${OUT:-.}/gpu_check.txt:
-#   versions and device; fp32 parity with the transformers fixture on the GPU (<= 1e-5) and the precision
-#   in use; the attention implementation XLA compiled (cuDNN flash or not); `gpt2jax bench` forward and
-#   train (124M, bf16, 16 x 1024) and decode (batch 1, 8, 64; bf16 and fp32); a 50-step `gpt2jax train` of
+#   versions and device; fp32 parity with the transformers fixture on the GPU (<= 1e-5); the attention each
+#   compiled train and eval step runs (bf16 auto: cuDNN flash; bf16 xla; fp32: XLA) and cuDNN's outputs and
+#   gradients against XLA's (causal, right-padded); `gpt2jax bench` forward and train (124M, bf16,
+#   16 x 1024, attention auto and xla side by side) and decode (batch 1, 8, 64; bf16 and fp32); a 50-step `gpt2jax train` of
 #   124M bf16 16 x 1024 with tokens/s and MFU from its metrics.jsonl, against the bench step; the HF forward
 #   interface (hidden states, attentions, the cache) against the transformers fixture on the GPU.
 #
@@ -40,7 +41,7 @@ for p in ("jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "tran
         print(f"  {p} -")
 EOF
 
-section "fp32 parity on the GPU, attention implementation"
+section "fp32 parity on the GPU"
 $PY - <<'EOF' 2>&1 | tee -a "$REPORT"
 import numpy as np, jax, jax.numpy as jnp
 from gpt2jax import GPT2LMHeadModel, GPT2Config
@@ -52,13 +53,47 @@ for name in ("tiny_gpt2", "tiny_gpt2_gelu_new"):
     diff = float(np.abs(np.asarray(out.logits) - expected["logits"])[valid].max())
     loss = abs(float(out.loss) - float(expected["loss"]))
     print(f"{name}: max |logits - transformers| {diff:.2e}, |loss diff| {loss:.2e}  ({'OK' if diff <= 1e-5 else 'FAIL'} at 1e-5)")
-for dtype in ("bfloat16", "float32"):
-    config = GPT2Config.from_size("gpt2", dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
-    ids = jnp.zeros((16, 1024), jnp.int32)
-    hlo = jax.jit(lambda p, x: model.module.apply({"params": p}, x)[0]).lower(model.params, ids).compile().as_text()
-    flash = [line.split("custom_call_target=")[1].split(",")[0] for line in hlo.splitlines() if "custom_call_target=\"__cudnn" in line]
-    print(f"{dtype} 124M 16x1024 forward attention: {sorted(set(flash)) or 'XLA (no cuDNN fused attention)'}")
+EOF
+
+section "attention: what each compiled step runs, cuDNN against XLA (outputs, gradients)"
+$PY - <<'EOF' 2>&1 | tee -a "$REPORT"
+import re, jax, jax.numpy as jnp
+from gpt2jax import GPT2Config, attention
+from gpt2jax.experiment import base_config
+from gpt2jax.model import GPT2LMHeadModule, init_params
+from gpt2jax.train import init_state, make_optimizer, pmapped_steps
+n = jax.local_device_count()
+kernels = lambda hlo: sorted(set(re.findall(r'custom_call_target="(__cudnn[^"]*)"', hlo))) or "XLA (no cuDNN attention)"
+for dtype, requested in (("bfloat16", "auto"), ("bfloat16", "xla"), ("float32", "auto")):
+    config = GPT2Config.from_size("gpt2", dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  attention=requested)
+    runs = attention.check(config, attention.current_platform(), 1024, False)
+    print(f"{dtype} attention={requested}: {attention.describe(*runs)}")
+    optimizer, schedule = make_optimizer(base_config().optim, 10)
+    p_train, p_eval = pmapped_steps(GPT2LMHeadModule(config), optimizer, schedule, 1, dropout=False)
+    state = jax.eval_shape(lambda: init_state(init_params(config), optimizer, 0))
+    lead = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), t)
+    batch = {k: jax.ShapeDtypeStruct((n, 16, 1024), jnp.int32) for k in ("inputs", "targets")}
+    print("  train step:", kernels(jax.jit(p_train).lower(lead(state), batch).compile().as_text()))
+    print("  eval step: ", kernels(jax.jit(p_eval).lower(lead(state.params), batch).compile().as_text()))
+# the kernels themselves, bf16 16x1024x12x64, causal and right-padded: cuDNN against XLA on the same inputs
+q, k, v = (jax.random.normal(jax.random.key(i), (16, 1024, 12, 64)).astype(jnp.bfloat16) for i in range(3))
+w = jax.random.normal(jax.random.key(3), q.shape)
+lengths = jnp.arange(16, dtype=jnp.int32) * 60 + 100
+mask = (jnp.arange(1024)[None] < lengths[:, None]).astype(jnp.int32)
+rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                         / jnp.max(jnp.abs(b.astype(jnp.float32))))
+for name, m in (("causal", None), ("right-padded", mask)):
+    fused = jax.jit(lambda q, k, v: attention.cudnn(q, k, v, key_mask_BxS=m))
+    xla = jax.jit(lambda q, k, v: attention.xla(q, k, v, key_mask_BxS=m))
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w)
+    rows = jnp.ones((16, 1024), bool) if m is None else mask.astype(bool)  # padded queries are not compared
+    out = rel(fused(q, k, v)[rows], xla(q, k, v)[rows])
+    grads = [rel(a, b) for a, b in zip(jax.grad(loss(fused), (0, 1, 2))(q, k, v),
+                                       jax.grad(loss(xla), (0, 1, 2))(q, k, v))]
+    ok = out < 0.02 and max(grads) < 0.02
+    print(f"cuDNN vs XLA, {name}: max|diff|/max|xla| output {out:.2e}, grads dq/dk/dv "
+          f"{', '.join(f'{g:.2e}' for g in grads)}  ({'OK' if ok else 'FAIL'} at 2e-2)")
 EOF
 
 section "the Hugging Face forward interface on the GPU (fp32, against the transformers fixture)"
@@ -102,8 +137,9 @@ with jax.transfer_guard_device_to_host("disallow_explicit"):
 print("OK: no device-to-host transfer between log steps (30 steps, log every 10)")
 EOF
 
-section "gpt2jax bench: 124M bf16 forward and train step, 16 x 1024"
-gpt2jax bench --size gpt2 --dtype bfloat16 --what forward train --batch 16 --seq 1024 --repeats 5 2>&1 | tee -a "$REPORT"
+section "gpt2jax bench: 124M bf16 forward and train step, 16 x 1024, cuDNN (auto) and XLA attention side by side"
+gpt2jax bench --size gpt2 --dtype bfloat16 --what forward train --batch 16 --seq 1024 --repeats 5 \
+  --attention auto xla 2>&1 | tee -a "$REPORT"
 
 section "gpt2jax bench: decode, 32-token prompt + 128 new, greedy"
 gpt2jax bench --size gpt2 --what decode --repeats 3 2>&1 | tee -a "$REPORT"   # batch 1, 8, 64; bf16 and fp32

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel
-from gpt2jax.model import dot_product_attention_with_dropout, init_cache, lm_loss
+from gpt2jax.attention import materialised
+from gpt2jax.model import init_cache, lm_loss
 from hf_reference import TINY_CONFIGS, random_params  # its torch-free part
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -242,10 +243,10 @@ def test_attention_dropout_path_equals_fused_attention_without_dropout():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 8)) for i in range(3))
     mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :, :2].set(False)
     fused = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    manual, _ = dot_product_attention_with_dropout(q, k, v, mask, 0.0, jax.random.key(0))
+    manual, _ = materialised(q, k, v, mask, 0.0, jax.random.key(0))
     np.testing.assert_allclose(manual[:, 2:], fused[:, 2:], atol=1e-5)
     np.testing.assert_allclose(manual[0], fused[0], atol=1e-5)
-    dropped, _ = dot_product_attention_with_dropout(q, k, v, mask, 0.5, jax.random.key(0))
+    dropped, _ = materialised(q, k, v, mask, 0.5, jax.random.key(0))
     assert np.abs(dropped - manual).max() > 1e-2
 
 

@@ -48,6 +48,7 @@ def test_smoke_trains_and_loss_falls(smoke_run):
     assert sorted(os.listdir(os.path.join(smoke_run, "checkpoints"))) == ["10", "20"]
     info = json.load(open(os.path.join(smoke_run, "run.json")))
     assert info["status"] == "finished" and info["device_count"] == 8 and "jax" in info["versions"]
+    assert info["attention"] == {"implementation": "xla", "why": "no fused kernel on cpu"}
     resolved = json.load(open(os.path.join(smoke_run, "config.json")))
     assert resolved["model"]["vocab_size"] == 257 and resolved["optim"]["decay_steps"] == 20
     assert glob.glob(os.path.join(smoke_run, "tb", "**", "events.out.tfevents.*"), recursive=True)

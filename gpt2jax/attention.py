@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +175,28 @@ def attend(
     learned positions are added to the embeddings, so they are unused here; a rotary or ALiBi variant
     applies them in this function."""
     del positions_BxT
+    attention = functools.partial(_attend, key_mask_BxS=key_mask_BxS, config=config, cache_index=cache_index,
+                                  dropout_rng=dropout_rng, weights=weights)
+    return upcast_float16_on_cpu(attention, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
+
+
+def upcast_float16_on_cpu(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
+    """`fn(*arrays)`, with float16 arrays cast to float32 first where the program runs on a CPU: XLA's CPU dots
+    take no float16 inputs with a float32 result (F16_F16_F32), which jax's attention and the LM head ask
+    for. The results keep the dtypes `fn` gives them, on every platform."""
+    if not any(a.dtype == jnp.float16 for a in arrays):
+        return fn(*arrays)
+
+    def upcast(*xs: jax.Array) -> Any:
+        out = fn(*(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in xs))
+        return jax.tree.map(lambda o, like: o.astype(like.dtype), out, jax.eval_shape(fn, *xs))
+
+    return lax.platform_dependent(*arrays, cpu=upcast, default=fn)
+
+
+def _attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *, key_mask_BxS: jax.Array | None,
+            config: GPT2Config, cache_index: jax.Array | None, dropout_rng: jax.Array | None,
+            weights: bool) -> tuple[jax.Array, jax.Array | None]:
     B, T, H, K = q_BxTxHxK.shape
     S = k_BxSxHxK.shape[1]
     dropout = dropout_rng is not None and config.attn_pdrop > 0

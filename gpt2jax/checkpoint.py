@@ -7,6 +7,11 @@ Saves are asynchronous; Orbax writes each step into a temporary directory and re
 when complete, so an unfinished save is never listed as a step. Kept: the latest `keep`
 steps and the `keep_best` steps with the lowest validation loss. A step that fails to
 restore (missing or truncated files) is reported and the previous step is used.
+
+Formats of the parameter tree (the params, and the optimizer's moments, which mirror them): 2 is HF Flax's
+(`transformer/h/0/...`, Linear kernels (out, in)), written since 2026-12 and recorded in `meta`; 1, written
+before, named blocks `h_0`, ... and held kernels (in, out). A format-1 step is restored against a target
+converted to format 1 and converted forward, so runs made before the change resume and sample.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
 from gpt2jax.errors import UserError
+
+FORMAT = 2  # of the parameter tree; see the module docstring
+_V1_BLOCK = re.compile(r"h_(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +77,7 @@ class Checkpoints:
         """Start saving `state` (single copy, not per-device) at `step`; returns before the write ends.
 
         `val_loss`, when this step was evaluated, ranks it for the best-k policy."""
-        meta = {**(meta or {}), "val_loss": val_loss}
+        meta = {**(meta or {}), "val_loss": val_loss, "format": FORMAT}
         with self._writing():  # also reports a failed write of the previous (async) save
             self.manager.save(
             step,
@@ -86,9 +95,28 @@ class Checkpoints:
         """The newest step that restores (state shaped like `abstract_state`, and the data position); None
         when there is no checkpoint. Broken steps are reported on stderr and skipped."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-        found = self._newest_restorable(lambda step: self.manager.restore(step, args=args))
-        return None if found is None else Restored(step=found[0], state=found[1].state, data=found[1].data)
+
+        def restore(step: int) -> Any:
+            old = self._format(step) == 1
+            state = ocp.args.StandardRestore(convert_trees(target, to_format=1) if old else target)
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
+            return (convert_trees(restored.state, to_format=2) if old else restored.state), restored.data
+
+        found = self._newest_restorable(restore)
+        return None if found is None else Restored(step=found[0], state=found[1][0], data=found[1][1])
+
+    def _state_metadata(self, step: int) -> dict:
+        """The tree of shapes and dtypes a step's state was saved with (Orbax's metadata of the item)."""
+        from etils import epath
+
+        # The item's own metadata (a Checkpointer would also look for step metadata there, and warn)
+        return dict(ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state"))
+
+    def _format(self, step: int) -> int:
+        """The parameter tree's format of a step, read from the names it was saved with."""
+        names = {getattr(key, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(
+            self._state_metadata(step))[0] for key in path}
+        return 1 if any(isinstance(name, str) and _V1_BLOCK.match(name) for name in names) else FORMAT
 
     def _newest_restorable(self, restore: Callable[[int], Any], steps: list[int] | None = None):
         """(step, restored) of the newest of `steps` (default: all) that restores; None if there are none."""
@@ -140,19 +168,18 @@ class Checkpoints:
         if chosen not in self.all_steps():
             raise UserError(f"{self.directory}: no checkpoint at step {chosen} (have {self.all_steps()})")
         candidates = [s for s in self.all_steps() if s <= chosen] if step in (None, "latest") else [chosen]
-        found, restored = self._newest_restorable(self._restore_on_this_host, candidates)
-        return Restored(step=found, state=restored.state, config=restored.config)
+        found, (state, config) = self._newest_restorable(self._restore_on_this_host, candidates)
+        return Restored(step=found, state=state, config=config)
 
     def _restore_on_this_host(self, step: int) -> Any:
-        """A step's state onto this process's first device, whatever topology wrote it."""
-        from etils import epath
-
-        # The item's own metadata (a Checkpointer would also look for step metadata there, and warn)
-        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+        """A step's state onto this process's first device, whatever topology wrote it, in format 2."""
+        metadata = self._state_metadata(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
-        return self.manager.restore(step, args=args)
+        restored = self.manager.restore(step, args=args)
+        return convert_trees(restored.state, to_format=2) if self._format(step) == 1 else restored.state, \
+            restored.config
 
     def set_aside_unreadable(self) -> list[str]:
         """Move the steps that failed to restore out of the way (to checkpoints_unreadable/ beside
@@ -194,6 +221,40 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def convert_trees(tree: Any, to_format: int) -> Any:
+    """`tree` with every parameter tree in it (a dict holding "transformer": the params, and Adam's moments,
+    which mirror them) converted to `to_format` (1 or 2, see the module docstring). Leaves may be arrays or
+    `jax.ShapeDtypeStruct`s (a restore target); kernels are transposed, other leaves kept."""
+
+    def transpose(leaf: Any) -> Any:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype, sharding=leaf.sharding)
+        return leaf.T if hasattr(leaf, "ndim") and leaf.ndim == 2 else leaf
+
+    def rename(path: tuple[str, ...]) -> tuple[str, ...]:
+        if to_format == 2:
+            return tuple(part for name in path for part in (
+                ("h", _V1_BLOCK.match(name).group(1)) if _V1_BLOCK.match(name) else (name,)))
+        out = list(path)
+        for i in range(len(out) - 1):
+            if out[i] == "h" and out[i + 1].isdigit():
+                out[i:i + 2] = [f"h_{out[i + 1]}", None]
+        return tuple(part for part in out if part is not None)
+
+    def convert(params: Any) -> Any:
+        if not _holds_params(params):
+            return params
+        flat = traverse_util.flatten_dict(dict(params))
+        return traverse_util.unflatten_dict({rename(path): transpose(leaf) if path[-1] == "kernel" else leaf
+                                             for path, leaf in flat.items()})
+
+    return jax.tree.map(convert, tree, is_leaf=_holds_params)
+
+
+def _holds_params(node: Any) -> bool:
+    return isinstance(node, dict) and "transformer" in node and isinstance(node["transformer"], dict)
 
 
 def _quiet_abandoned_writes() -> None:

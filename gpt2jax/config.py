@@ -55,15 +55,37 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _dtype_name(dtype: Any) -> Any:
+    """"bfloat16" for jnp.bfloat16, np.dtype("bfloat16"), "bfloat16"; anything else as given (validate says)."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return dtype
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@dataclasses.dataclass(frozen=True)
-class GPT2Config:
-    """GPT-2 hyperparameters, named as in `transformers.GPT2Config`.
+# Fields of a Hugging Face config.json that gpt2jax writes itself or that describe another library's files:
+# never kept in `GPT2Config.extra` (see `from_hf_dict`).
+_HF_OWN_KEYS = {"architectures", "model_type", "dtype", "torch_dtype", "gpt2jax", "transformers_version",
+                *_UNSUPPORTED_HF_OPTIONS}
+# Hugging Face's runtime fields (PretrainedConfig's, with its defaults): how calls behave, not the model.
+RUNTIME_FIELDS = ("use_cache", "pad_token_id", "output_hidden_states", "output_attentions", "return_dict",
+                  "is_encoder_decoder", "gradient_checkpointing")
 
-    Frozen and hashable, so a module holding it can be a static jit argument.
+
+@dataclasses.dataclass(unsafe_hash=True)
+class GPT2Config:
+    """GPT-2 hyperparameters and Hugging Face's runtime fields, named as in `transformers.GPT2Config`.
+
+    Settable as in Hugging Face (`config.output_hidden_states = True`): every change is checked, and a bad
+    value raises `UserError` and leaves the config as it was. Hashable by value, so a module holding it can
+    be a static jit argument (a changed config compiles anew). Unknown fields of a config.json are kept in
+    `extra` and written back; setting an unknown attribute adds it there.
     """
 
     vocab_size: int = 50257  # tokens in the vocabulary (embedding rows)
@@ -89,9 +111,49 @@ class GPT2Config:
     # attention implementation: "auto" (cuDNN on NVIDIA GPUs and splash on TPUs where they apply, else XLA),
     # "xla", "cudnn" or "splash" (see gpt2jax.attention); how the model runs, not what it computes
     attention: str = "auto"
+    # Hugging Face's runtime fields. output_hidden_states / output_attentions / return_dict are the defaults
+    # of calls that do not say; use_cache is kept for transformers (the forward returns a cache when it was
+    # given one or asked with use_cache=True, as HF Flax's did); pad_token_id is generate's default padding;
+    # gradient_checkpointing recomputes each block in the backward pass (enable_gradient_checkpointing()).
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+    return_dict: bool = True
+    is_encoder_decoder: bool = False
+    gradient_checkpointing: bool = False
+    extra: dict = dataclasses.field(default_factory=dict, hash=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, _dtype_name(getattr(self, name)))
+        if not isinstance(self.extra, dict):
+            raise UserError(f"GPT2Config.extra must be a dict of config.json fields, got {type(self.extra).__name__}")
         self.validate()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_checked"):  # still in __init__
+            object.__setattr__(self, name, value)
+        elif name not in self.__dataclass_fields__:
+            if name.startswith("_"):
+                object.__setattr__(self, name, value)
+            else:
+                self.extra[name] = value
+        else:
+            previous = getattr(self, name)
+            object.__setattr__(self, name, _dtype_name(value) if name in ("dtype", "param_dtype") else value)
+            try:
+                self.validate()
+            except UserError:
+                object.__setattr__(self, name, previous)
+                raise
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not attributes
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"GPT2Config has no field {name!r}")
 
     def validate(self) -> None:
         """Raise `UserError` naming the first inconsistent field (types too: config.json may hold nulls)."""
@@ -116,6 +178,13 @@ class GPT2Config:
         for name in ("bos_token_id", "eos_token_id"):
             if not is_int(getattr(self, name)):
                 raise UserError(f"GPT2Config.{name} must be an integer token id, got {getattr(self, name)!r}")
+        if self.pad_token_id is not None and not is_int(self.pad_token_id):
+            raise UserError(f"GPT2Config.pad_token_id must be an integer token id or None, got {self.pad_token_id!r}")
+        for name in ("use_cache", "output_hidden_states", "output_attentions", "return_dict", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise UserError(f"GPT2Config.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.is_encoder_decoder:
+            raise UserError("GPT2Config.is_encoder_decoder: GPT-2 is a decoder only; it must be false")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise UserError(f"GPT2Config.matmul_precision={self.matmul_precision!r} is not one of "
                             f"{', '.join(map(repr, MATMUL_PRECISIONS))}")
@@ -165,7 +234,7 @@ class GPT2Config:
         return 6 * self.num_parameters(exclude_position_embeddings=True) + 12 * self.n_layer * self.n_embd * seq_len
 
     def replace(self, **changes: Any) -> GPT2Config:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{"extra": dict(self.extra), **changes})
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any], **overrides: Any) -> GPT2Config:
@@ -182,13 +251,14 @@ class GPT2Config:
         return cls(**{**MODEL_SIZES[size], **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The fields of a Hugging Face GPT-2 `config.json`."""
+        """The fields of a Hugging Face GPT-2 `config.json` (the unknown ones it was read with too)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields.pop("param_dtype")
-        fields.pop("matmul_precision")
-        fields.pop("attention")  # how this machine runs it, not part of the model
+        for name in ("param_dtype", "matmul_precision", "extra",
+                     "attention", "gradient_checkpointing"):  # how this machine runs it, not part of the model
+            fields.pop(name)
         compute_dtype = fields.pop("dtype")
         return {
+            **self.extra,
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
             **fields,
@@ -200,7 +270,8 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], **overrides: Any) -> GPT2Config:
-        """Build from a parsed Hugging Face `config.json`; unknown HF fields are ignored."""
+        """Build from a parsed Hugging Face `config.json`; fields GPT2Config does not have are kept in `extra`
+        (but transformers' private ones, "_name_or_path", ...)."""
         model_type = data.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise UserError(f"config.json has model_type={model_type!r}; gpt2jax loads GPT-2 models only")
@@ -208,8 +279,10 @@ class GPT2Config:
             if key in data and data[key] != default:
                 raise UserError(f"config.json sets {key}={data[key]!r}; gpt2jax supports only {key}={default!r}")
         jax_fields = ("dtype", "param_dtype", "matmul_precision")
-        names = {f.name for f in dataclasses.fields(cls)} - set(jax_fields) - {"attention"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(jax_fields) - {"attention", "extra"}
         fields = {k: v for k, v in data.items() if k in names}
+        fields["extra"] = {k: v for k, v in data.items()
+                           if k not in names and k not in _HF_OWN_KEYS and not k.startswith("_")}
         gpt2jax = data.get("gpt2jax") if isinstance(data.get("gpt2jax"), dict) else {}
         fields.update({k: v for k, v in gpt2jax.items() if k in jax_fields})
         fields.update(overrides)
@@ -232,6 +305,7 @@ class GPT2Config:
         """Write `config.json` into `directory`; return its path."""
         from gpt2jax.rundir import write_json
 
+        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
         write_json(path, self.to_hf_dict())
         return path

@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from gpt2jax import rundir
-from gpt2jax.config import DTYPES, MODEL_SIZES, GPT2Config
+from gpt2jax.config import DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config
 from gpt2jax.errors import UserError
 
 
@@ -224,8 +224,9 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int) ->
 def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, Any]:
     """The config as it runs (a run's config.json): model sizes and vocab filled in, decay_steps explicit."""
     resolved = json.loads(config.to_json())
-    jax_only = ("dtype", "param_dtype", "matmul_precision")  # the train group says how it computes
-    resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in jax_only})
+    # the train group says how it computes; HF's runtime fields are call defaults, not part of an experiment
+    left_out = {"dtype", "param_dtype", "matmul_precision", "extra", *RUNTIME_FIELDS}
+    resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in left_out})
     resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
     return resolved
 

@@ -24,21 +24,44 @@ import numpy as np
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError, check_ids
-from gpt2jax.model import Cache, GPT2LMHeadModule, init_cache, lm_loss
+from gpt2jax.model import Cache, GPT2LMHeadModule, GPT2Module, init_cache, lm_loss
 
 
 class _Output:
-    """HF's ModelOutput access: attributes, `out["logits"]`, `out[0]`, and `to_tuple()` (the fields that
-    are not None, in order)."""
+    """HF's ModelOutput access: attributes, a mapping of the fields that are not None (`out["logits"]`,
+    `"loss" in out`, `len(out)`, iteration over the names, `keys/values/items`), `out[0]`, and `to_tuple()`
+    (those fields' values, in order)."""
 
     def to_tuple(self) -> tuple:
-        return tuple(v for v in (getattr(self, f.name) for f in self.__dataclass_fields__.values()) if v is not None)
+        return tuple(getattr(self, name) for name in self.keys())
 
     def keys(self) -> list[str]:
         return [f.name for f in self.__dataclass_fields__.values() if getattr(self, f.name) is not None]
 
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
     def __getitem__(self, key: str | int | slice) -> Any:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     @property
     def cache(self) -> Cache | None:
@@ -136,30 +159,33 @@ def _fit_cache(config: GPT2Config, cache: Cache, attention_mask: Any, B: int, T:
 
 
 @functools.partial(jax.jit, static_argnames=("module", "head", "train", "collections", "logits_to_keep"))
-def forward(module: GPT2LMHeadModule, params: Any, inputs: dict[str, Any], labels: jax.Array | None,
+def forward(module: GPT2LMHeadModule | GPT2Module, params: Any, inputs: dict[str, Any], labels: jax.Array | None,
             dropout_rng: jax.Array, *, head: bool, train: bool, collections: tuple[str, ...],
             logits_to_keep: int) -> CausalLMOutput | BaseModelOutput:
-    """One compiled forward: logits (and loss) with `head`, else the last hidden state; the asked-for
-    `collections` ("hidden_states", "attentions") are captured from the modules that sow them."""
+    """One compiled forward: logits (and loss) of a `GPT2LMHeadModule` with `head`, else the last hidden
+    state of a `GPT2Module`; the asked-for `collections` ("hidden_states", "attentions") are captured from
+    the modules that sow them."""
 
-    def run(m: GPT2LMHeadModule) -> tuple[jax.Array, Cache | None]:
-        h_BxTxD, cache = m.transformer(
+    def run(m: GPT2LMHeadModule | GPT2Module) -> tuple[jax.Array, Cache | None]:
+        body = m.transformer if head else m
+        h_BxTxD, cache = body(
             inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], train=train, cache=inputs["cache"],
             inputs_embeds_BxTxD=inputs["inputs_embeds"], token_type_ids_BxT=inputs["token_type_ids"],
         )
         if not head:
             return h_BxTxD, cache
-        return m.transformer.logits(h_BxTxD[:, -logits_to_keep:] if logits_to_keep else h_BxTxD), cache
+        return body.logits(h_BxTxD[:, -logits_to_keep:] if logits_to_keep else h_BxTxD), cache
 
     (out, cache), captured = module.apply(
         {"params": params}, method=run, mutable=list(collections), rngs={"dropout": dropout_rng}
     )
+    body = lambda collection: captured[collection]["transformer"] if head else captured[collection]
     extras = dict(past_key_values=cache, hidden_states=None, attentions=None)
-    if "hidden_states" in captured:
-        extras["hidden_states"] = captured["hidden_states"]["transformer"]["states"]
+    if "hidden_states" in captured:  # each block's input, then the output of ln_f
+        extras["hidden_states"] = body("hidden_states")["h"]["states"] + body("hidden_states")["states"]
     if "attentions" in captured:
-        layers = captured["attentions"]["transformer"]
-        extras["attentions"] = tuple(layers[f"h_{i}"]["attn"]["weights"][0] for i in range(module.config.n_layer))
+        layers = body("attentions")["h"]
+        extras["attentions"] = tuple(layers[str(i)]["attn"]["weights"][0] for i in range(module.config.n_layer))
     if not head:
         return BaseModelOutput(last_hidden_state=out, **extras)
     return CausalLMOutput(logits=out, loss=None if labels is None else lm_loss(out, labels), **extras)

@@ -2,8 +2,9 @@
 
 Reads a local HF directory holding `model.safetensors` (or a sharded set with its index),
 `pytorch_model.bin` (through `torch.load(weights_only=True)`, only when torch is
-installed) or `flax_model.msgpack` (transformers 4.x Flax, whose Conv1D kernels are
-stored (out, in)); writes `config.json` + `model.safetensors` that transformers loads.
+installed) or `flax_model.msgpack` (transformers 4.x Flax, whose tree is ours); writes `config.json` +
+`model.safetensors` that transformers loads. PyTorch's Conv1D weights are (in, out), our Linear kernels
+(out, in) (as HF Flax's): every conversion transposes them.
 """
 
 from __future__ import annotations
@@ -42,19 +43,28 @@ def _abstract_params(config: GPT2Config) -> Any:
 
 
 def hf_name(path: tuple[str, ...]) -> str:
-    """('transformer', 'h_3', 'mlp', 'c_fc', 'kernel') -> 'transformer.h.3.mlp.c_fc.weight'."""
+    """('transformer', 'h', '3', 'mlp', 'c_fc', 'kernel') -> 'transformer.h.3.mlp.c_fc.weight'."""
     *modules, leaf = path
-    return ".".join([re.sub(r"^h_(\d+)$", r"h.\1", m) for m in modules] + [_LEAF_TO_HF[leaf]])
+    return ".".join([*modules, _LEAF_TO_HF[leaf]])
 
 
-def param_shapes(config: GPT2Config) -> dict[str, jax.ShapeDtypeStruct]:
-    """HF name -> shape and dtype of every parameter the config implies (no compute)."""
-    return {hf_name(path): leaf for path, leaf in traverse_util.flatten_dict(_abstract_params(config)).items()}
+def _to_torch_layout(path: tuple[str, ...], array: Any) -> Any:
+    """Our leaf at `path` as PyTorch holds it (and back: the transpose is its own inverse)."""
+    return array.T if path[-1] == "kernel" else array
+
+
+def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """HF name -> the shape PyTorch holds, of every parameter the config implies (no compute)."""
+    flat = traverse_util.flatten_dict(_abstract_params(config))
+    return {hf_name(path): tuple(_to_torch_layout(path, np.empty(leaf.shape, bool)).shape)
+            for path, leaf in flat.items()}
 
 
 def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:
-    """Our parameter tree -> {HF name: array}, without the tied `lm_head.weight`."""
-    return {hf_name(path): np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(params).items()}
+    """Our parameter tree (either class's) -> {HF name: array in PyTorch's layout}, without the tied
+    `lm_head.weight`."""
+    return {hf_name(path): np.ascontiguousarray(_to_torch_layout(path, np.asarray(leaf)))
+            for path, leaf in traverse_util.flatten_dict(params).items()}
 
 
 def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: GPT2Config) -> Any:
@@ -79,16 +89,16 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: GPT2Config) ->
         raise UserError(
             f"checkpoint does not match a GPT-2 with n_layer={config.n_layer}: {'; '.join(parts)}"
         )
-    for name, spec in expected.items():
-        if tuple(found[name].shape) != tuple(spec.shape):
+    for name, shape in expected.items():
+        if tuple(found[name].shape) != shape:
             raise UserError(
-                f"{name}: config.json implies shape {tuple(spec.shape)} but the checkpoint holds "
-                f"{tuple(found[name].shape)}"
+                f"{name}: config.json implies shape {shape} but the checkpoint holds {tuple(found[name].shape)}"
             )
     if lm_head is not None and not np.array_equal(np.asarray(lm_head), np.asarray(found["transformer.wte.weight"])):
         raise UserError("lm_head.weight differs from transformer.wte.weight; gpt2jax supports tied LM heads only")
     by_name = {hf_name(path): path for path in traverse_util.flatten_dict(_abstract_params(config))}
-    flat = {by_name[name]: jnp.asarray(found[name], dtype=config.storage_dtype) for name in expected}
+    flat = {path: jnp.asarray(_to_torch_layout(path, np.asarray(found[name])), dtype=config.storage_dtype)
+            for name, path in by_name.items()}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -194,11 +204,7 @@ def _load_flax_msgpack(path: str) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: corrupt or truncated msgpack file ({type(e).__name__})") from None
     tensors = {}
     for path_parts, array in traverse_util.flatten_dict(tree).items():
-        *modules, leaf = path_parts
-        array = np.asarray(array)
-        if leaf == "kernel":
-            array = array.T  # transformers' FlaxConv1D stores (out, in)
-        tensors[".".join(modules + [_LEAF_TO_HF[leaf]])] = array
+        tensors[hf_name(path_parts)] = _to_torch_layout(path_parts, np.asarray(array))
     return tensors
 
 

@@ -3,9 +3,11 @@
 Legend: B batch, T query time, S key time (T, or the KV-cache length when decoding),
 D model width (n_embd), H heads, K head dim, F MLP width, V vocab.
 
-Parameter names mirror Hugging Face (`transformer/h_0/attn/c_attn/kernel` is HF's
-`transformer.h.0.attn.c_attn.weight`); HF's Conv1D weights are (in, out), the layout
-of a Flax Dense kernel, so conversion is a rename. The LM head is tied to `wte`.
+The parameter tree is Hugging Face Flax's (transformers 4.x `FlaxGPT2LMHeadModel`):
+`transformer/h/0/attn/c_attn/kernel` is PyTorch's `transformer.h.0.attn.c_attn.weight`, transposed:
+Linear kernels are held (out, in), as HF Flax's `FlaxConv1D` holds them and as XLA's CPU matrix-vector
+products run fastest (so training, checkpoints and decoding share one layout). The LM head is tied to
+`wte` and has no parameters of its own; `GPT2Module`'s tree is the `transformer` subtree.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gpt2jax.attention import attend
+from gpt2jax.attention import attend, upcast_float16_on_cpu
 from gpt2jax.config import ACTIVATIONS, GPT2Config
 
 IGNORE_INDEX = -100  # label value that the loss skips, as in PyTorch / Hugging Face
@@ -85,26 +87,20 @@ def init_cache(config: GPT2Config, batch_size: int, length: int) -> Cache:
 
 
 class Linear(nn.Module):
-    """HF's Conv1D: y = x @ kernel + bias with kernel (in, out), the layout HF checkpoints use.
-
-    With `transposed` the kernel is held (out, in) instead. XLA's CPU matrix-vector products
-    are about 1.4x faster in that layout, so the sampler decodes with transposed copies
-    (`generation.to_decode_layout`); training and checkpoints use (in, out).
-    """
+    """HF Flax's FlaxConv1D: y = x @ kernel.T + bias with kernel (out, in) (PyTorch's Conv1D weight,
+    transposed)."""
 
     config: GPT2Config
     features: int
     residual: bool = False  # GPT-2 scales the init of residual projections by 1/sqrt(2 n_layer)
-    transposed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         std = cfg.initializer_range / (math.sqrt(2 * cfg.n_layer) if self.residual else 1.0)
-        shape = (self.features, x.shape[-1]) if self.transposed else (x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.normal(std), shape, cfg.storage_dtype)
+        kernel = self.param("kernel", nn.initializers.normal(std), (self.features, x.shape[-1]), cfg.storage_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.storage_dtype)
-        contract = ((x.ndim - 1,), (1 if self.transposed else 0,))
+        contract = ((x.ndim - 1,), (1,))
         y = lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
         return y + bias.astype(cfg.compute_dtype)
 
@@ -116,10 +112,9 @@ def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
 
 
 class GPT2Part(nn.Module):
-    """A module of GPT-2: its config, and whether its Linear kernels are held (out, in) (see `Linear`)."""
+    """A module of GPT-2, made from its config."""
 
     config: GPT2Config
-    transposed_kernels: bool = False
 
 
 class Attention(GPT2Part):
@@ -135,7 +130,7 @@ class Attention(GPT2Part):
         collection is mutable, which then receives them ((B, H, T, S) float32, as HF's `attentions`)."""
         cfg = self.config
         B, T, D = x_BxTxD.shape
-        qkv_BxTx3D = Linear(cfg, 3 * D, transposed=self.transposed_kernels, name="c_attn")(x_BxTxD)
+        qkv_BxTx3D = Linear(cfg, 3 * D, name="c_attn")(x_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
             part.reshape(B, T, cfg.n_head, cfg.head_dim) for part in jnp.split(qkv_BxTx3D, 3, axis=-1)
         )
@@ -154,7 +149,7 @@ class Attention(GPT2Part):
                                            cache_index=cache_index, dropout_rng=dropout_rng, weights=weights)
         if probs_BxHxTxS is not None:
             self.sow("attentions", "weights", probs_BxHxTxS)
-        y_BxTxD = Linear(cfg, D, residual=True, transposed=self.transposed_kernels, name="c_proj")(
+        y_BxTxD = Linear(cfg, D, residual=True, name="c_proj")(
             out_BxTxHxK.reshape(B, T, D))
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train), cache
 
@@ -165,9 +160,9 @@ class MLP(GPT2Part):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
-        fc_BxTxF = Linear(cfg, cfg.inner_dim, transposed=self.transposed_kernels, name="c_fc")(x_BxTxD)
+        fc_BxTxF = Linear(cfg, cfg.inner_dim, name="c_fc")(x_BxTxD)
         h_BxTxF = ACTIVATIONS[cfg.activation_function](fc_BxTxF)
-        y_BxTxD = Linear(cfg, cfg.n_embd, residual=True, transposed=self.transposed_kernels, name="c_proj")(h_BxTxF)
+        y_BxTxD = Linear(cfg, cfg.n_embd, residual=True, name="c_proj")(h_BxTxF)
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxD, deterministic=not train)
 
 
@@ -175,15 +170,33 @@ class Block(GPT2Part):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, *, train: bool,
+    def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, train: bool,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        attention = Attention(self.config, self.transposed_kernels, name="attn")
+        attention = Attention(self.config, name="attn")
         attn_BxTxD, cache = attention(_layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxS, positions_BxT,
                                       train=train, cache=cache)
         x_BxTxD = x_BxTxD + attn_BxTxD
-        mlp = MLP(self.config, self.transposed_kernels, name="mlp")
+        mlp = MLP(self.config, name="mlp")
         x_BxTxD = x_BxTxD + mlp(_layer_norm(self.config, "ln_2")(x_BxTxD), train=train)
         return x_BxTxD, cache
+
+
+class Blocks(GPT2Part):
+    """The n_layer blocks, named "0", "1", ... (HF Flax's `FlaxGPT2BlockCollection`, named "h"). With
+    `config.gradient_checkpointing` each block's activations are recomputed in the backward pass instead of
+    stored (`nn.remat`). With the "hidden_states" collection mutable, each block's input is sown."""
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, train: bool,
+                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+        block = nn.remat(Block, static_argnums=(4,)) if self.config.gradient_checkpointing else Block  # self is 0
+        new_cache = []
+        for i in range(self.config.n_layer):
+            self.sow("hidden_states", "states", x_BxTxD)
+            x_BxTxD, layer_cache = block(self.config, name=str(i))(x_BxTxD, mask_BxS, positions_BxT, train,
+                                                                   None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return x_BxTxD, None if cache is None else Cache(tuple(new_cache))
 
 
 class GPT2Module(GPT2Part):
@@ -199,7 +212,7 @@ class GPT2Module(GPT2Part):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, **embed)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, **embed)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = [Block(cfg, self.transposed_kernels, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.h = Blocks(cfg)
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(
@@ -232,22 +245,17 @@ class GPT2Module(GPT2Part):
             if token_type_ids_BxT is not None:
                 x_BxTxD = x_BxTxD + self.wte(token_type_ids_BxT)
             x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
-            new_cache = []
-            for i, block in enumerate(self.h):
-                self.sow("hidden_states", "states", x_BxTxD)
-                layer_cache = None if cache is None else cache[i]
-                x_BxTxD, layer_cache = block(x_BxTxD, attention_mask_BxS, position_ids_BxT, train=train,
-                                             cache=layer_cache)
-                new_cache.append(layer_cache)
+            x_BxTxD, cache = self.h(x_BxTxD, attention_mask_BxS, position_ids_BxT, train, cache)
             h_BxTxD = self.ln_f(x_BxTxD)
             self.sow("hidden_states", "states", h_BxTxD)
-            return h_BxTxD, None if cache is None else Cache(tuple(new_cache))
+            return h_BxTxD, cache
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """The tied LM head: h @ wte.T, accumulated and returned in float32."""
         wte_VxD = self.wte.embedding.astype(self.config.compute_dtype)
+        accumulated = lambda h, w: jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
         with self.config.matmul_precision_context():
-            return jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD, preferred_element_type=jnp.float32)
+            return upcast_float16_on_cpu(accumulated, h_BxTxD, wte_VxD)
 
 
 class GPT2LMHeadModule(GPT2Part):
@@ -259,7 +267,7 @@ class GPT2LMHeadModule(GPT2Part):
     """
 
     def setup(self) -> None:
-        self.transformer = GPT2Module(self.config, self.transposed_kernels)
+        self.transformer = GPT2Module(self.config)
 
     def __call__(self, input_ids_BxT: jax.Array | None, attention_mask_BxS: jax.Array | None = None,
                  position_ids_BxT: jax.Array | None = None, **options: Any) -> tuple[jax.Array, Cache | None]:
@@ -269,11 +277,13 @@ class GPT2LMHeadModule(GPT2Part):
         return self.transformer.logits(h_BxTxD), cache
 
 
-def init_params(config: GPT2Config, seed: int = 0) -> Any:
-    """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
+def init_params(config: GPT2Config, seed: int | jax.Array = 0) -> Any:
+    """`GPT2LMHeadModule`'s parameters from a seed or a key: GPT-2's initialisation, N(0, 0.02) weights,
+    residual projections scaled by 1/sqrt(2 n_layer), biases 0, LayerNorms (1, 0)."""
     module = GPT2LMHeadModule(config)
     dummy = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda key: module.init(key, dummy)["params"])(jax.random.key(seed))
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    return jax.jit(lambda key: module.init(key, dummy)["params"])(key)
 
 
 def next_token_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel
 from gpt2jax.attention import materialised
+from gpt2jax.errors import UserError
 from gpt2jax.model import init_cache, lm_loss
 from hf_reference import TINY_CONFIGS, random_params  # its torch-free part
 
@@ -235,8 +236,12 @@ def test_dropout_only_in_train_mode():
     a = model(ids, train=True, dropout_rng=key).logits
     np.testing.assert_array_equal(a, model(ids, train=True, dropout_rng=key).logits)
     assert np.abs(a - model(ids).logits).max() > 1e-3
-    assert np.abs(a - model.train()(ids).logits).max() > 1e-3  # train() switches the default
+    assert np.abs(a - model.train()(ids, dropout_rng=key).logits).max() < 1e-6  # train() switches the default
+    with pytest.raises(UserError, match="dropout_rng"):  # as in HF Flax: dropout never draws a key of its own
+        model(ids)
     np.testing.assert_array_equal(model.eval()(ids).logits, model(ids, train=False).logits)
+    no_dropout = GPT2LMHeadModel(SMALL.replace(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), seed=5)
+    np.testing.assert_array_equal(no_dropout(ids, train=True).logits, no_dropout(ids).logits)
 
 
 def test_attention_dropout_path_equals_fused_attention_without_dropout():
@@ -254,10 +259,11 @@ def test_init_matches_gpt2_scheme():
     config = GPT2Config(vocab_size=512, n_positions=64, n_embd=256, n_layer=8, n_head=8)
     params = GPT2LMHeadModel(config, seed=0).params["transformer"]
     np.testing.assert_allclose(np.std(params["wte"]["embedding"]), 0.02, rtol=0.02)
-    np.testing.assert_allclose(np.std(params["h_0"]["attn"]["c_attn"]["kernel"]), 0.02, rtol=0.02)
-    np.testing.assert_allclose(np.std(params["h_3"]["mlp"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.02)
-    np.testing.assert_allclose(np.std(params["h_3"]["attn"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.03)
-    assert not np.any(params["h_0"]["mlp"]["c_fc"]["bias"])
+    np.testing.assert_allclose(np.std(params["h"]["0"]["attn"]["c_attn"]["kernel"]), 0.02, rtol=0.02)
+    np.testing.assert_allclose(np.std(params["h"]["3"]["mlp"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.02)
+    np.testing.assert_allclose(np.std(params["h"]["3"]["attn"]["c_proj"]["kernel"]), 0.02 / 4.0, rtol=0.03)
+    assert params["h"]["3"]["mlp"]["c_proj"]["kernel"].shape == (256, 1024)  # (out, in), as HF Flax holds it
+    assert not np.any(params["h"]["0"]["mlp"]["c_fc"]["bias"])
     np.testing.assert_array_equal(params["ln_f"]["scale"], 1.0)
 
 

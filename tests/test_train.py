@@ -129,8 +129,8 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
 
 def test_weight_decay_only_on_matrices_and_embeddings():
     mask = decay_mask(init_params(TINY))["transformer"]
-    assert mask["wte"]["embedding"] and mask["wpe"]["embedding"] and mask["h_0"]["attn"]["c_attn"]["kernel"]
-    assert not mask["h_0"]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["scale"] and not mask["h_1"]["ln_1"]["bias"]
+    assert mask["wte"]["embedding"] and mask["wpe"]["embedding"] and mask["h"]["0"]["attn"]["c_attn"]["kernel"]
+    assert not mask["h"]["0"]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["scale"] and not mask["h"]["1"]["ln_1"]["bias"]
     # and the optimizer applies it so: with zero gradients only decayed leaves move
     optim = smoke("/unused", "--config.optim.weight_decay=0.5", "--config.optim.warmup_steps=0").optim
     optimizer, _ = make_optimizer(optim, max_steps=10)

@@ -31,6 +31,8 @@ def run_bench(size: str, dtypes: list[str], attentions: list[str], what: list[st
         config = GPT2Config.from_size(size, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                       attention=implementation)
         runs = attention.check(config, attention.current_platform(), seq, train=False)
+        for batch in batches:
+            perf.check_fits(config, batch, seq, train="train" in what, what=f"bench --batch {batch}")
         model = GPT2LMHeadModel(config, seed=0)
         peak, source = perf.datasheet_peak(kind), "datasheet"
         if peak is None and ("forward" in what or "train" in what):  # 4096^3 takes seconds on a CPU

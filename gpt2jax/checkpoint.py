@@ -50,21 +50,31 @@ class Restored:
 class Checkpoints:
     """Save and restore the checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str, keep: int = 3, keep_best: int = 1, async_save: bool = True):
+    def __init__(self, run_dir: str, keep: int = 3, keep_best: int = 1, async_save: bool = True,
+                 read_only: bool = False):
+        """The trainer's handle (saves, keeps the `keep` latest and `keep_best` best steps, cleans up the
+        temporary directories of its own unfinished saves), or with `read_only` a reader's: sampling, eval,
+        export, forks and fine-tunes read a run that may be training at that moment, so they never write,
+        delete or clean up anything in it (Orbax's cleanup would delete the step the trainer is writing)."""
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.unreadable: list[int] = []  # steps that failed to restore, newest first
-        policies = [checkpoint_managers.LatestN(n=keep)]
-        if keep_best:
-            policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=keep_best,
-                keep_checkpoints_without_metrics=False,
-            ))
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
-            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.read_only = read_only
         _quiet_abandoned_writes()
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                   enable_async_checkpointing=False, save_interval_steps=0)
+        else:
+            policies = [checkpoint_managers.LatestN(n=keep)]
+            if keep_best:
+                policies.append(checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                ))
+            options = ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -139,10 +149,34 @@ class Checkpoints:
         (train losses are not comparable with validation losses, so they never rank)."""
         scored = []
         for step in self.all_steps():
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            if isinstance(meta.get("val_loss"), (int, float)):
+            meta = self.meta(step)
+            if isinstance(meta.get("val_loss"), (int, float)) and not isinstance(meta["val_loss"], bool):
                 scored.append((meta["val_loss"], step))
         return min(scored)[1] if scored else self.latest_step()
+
+    def meta(self, step: int) -> dict:
+        """A step's `meta` item (its val_loss, format, ...); damaged or missing: reported and read as {} (the
+        step is then not ranked by `best_step`)."""
+        return self._json_item(step, "meta", "it is not ranked")
+
+    def data_position(self, step: int) -> dict:
+        """A step's `data` item (the step the sampler continues from, its seed, the data's fingerprint);
+        damaged or missing: reported and read as {}."""
+        return self._json_item(step, "data", "its data is not checked")
+
+    def _json_item(self, step: int, name: str, consequence: str) -> dict:
+        """The one reader of a step's small JSON items: a damaged one is one line on stderr, never a traceback."""
+        try:
+            item = getattr(self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})),
+                           name)
+            if not isinstance(item, dict):
+                raise ValueError(f"expected a JSON object, found {type(item).__name__}")
+            return item
+        except Exception as e:  # truncated or edited JSON, a missing file: the step's weights may still be fine
+            print(f"gpt2jax: checkpoint step {step} in {self.directory} has an unreadable {name} item "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {consequence}",
+                  file=sys.stderr)
+            return {}
 
     def resolve_step(self, step: int | str | None) -> int:
         """"latest" (or None), "best", or a step number -> an existing step."""
@@ -150,11 +184,10 @@ class Checkpoints:
             chosen = self.latest_step()
         elif step == "best":
             chosen = self.best_step()
+        elif (isinstance(step, int) and not isinstance(step, bool)) or (isinstance(step, str) and step.isdigit()):
+            chosen = int(step)
         else:
-            try:
-                chosen = int(step)
-            except ValueError:
-                raise UserError(f"step must be 'latest', 'best' or a number, got {step!r}") from None
+            raise UserError(f"step must be 'latest', 'best' or a step number, got {step!r}")
         if chosen is None:
             raise UserError(f"{self.directory}: no checkpoint yet")
         return chosen
@@ -184,7 +217,7 @@ class Checkpoints:
     def set_aside_unreadable(self) -> list[str]:
         """Move the steps that failed to restore out of the way (to checkpoints_unreadable/ beside
         checkpoints/), so that training can save those steps again; returns where they went."""
-        if not self.unreadable:
+        if not self.unreadable or self.read_only:
             return []
         aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
         os.makedirs(aside, exist_ok=True)
@@ -261,13 +294,14 @@ def _quiet_abandoned_writes() -> None:
     """When a write fails, Orbax logs it with a traceback from each writer thread (absl), its unfinished
     asyncio tasks are logged when collected, and each of the other pending writes reports 'Event loop is
     closed' as it completes. `_writing` reports the failure as one line, so these echoes are dropped, once
-    for the process; GPT2JAX_DEBUG=1 keeps them."""
+    for the process, with the notices Orbax logs for every read-only reader; GPT2JAX_DEBUG=1 keeps them."""
     global _quiet
     if _quiet or os.environ.get("GPT2JAX_DEBUG"):
         return
     _quiet = True
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(_not_a_write_failure)
+    logging.getLogger("absl").addFilter(lambda record: not re.search("read.only", record.getMessage()))
     previous = sys.unraisablehook
 
     def unraisable(event):

@@ -175,16 +175,19 @@ def run_train(args: argparse.Namespace) -> int:
     from gpt2jax.trainer import run_training
 
     config = load_config(args.config, args.overrides)
+    args.workdir = os.path.expanduser(args.workdir)  # "~/runs/x" quoted: a home path, not a directory named ~
     try:
         last = run_training(config, args.workdir, progress=not args.no_progress, overwrite=args.overwrite,
                             fork_from=args.fork)
     except Stopped as stopped:
-        resume = ["gpt2jax", "train", "--config", args.config, "--workdir", args.workdir,
-                  *(["--no-progress"] if args.no_progress else []), *args.overrides]
+        resume = ["gpt2jax", "train", f"--config={args.config}", f"--workdir={args.workdir}",
+                  *(["--no-progress"] if args.no_progress else []), *args.overrides]  # = keeps "-dashrun" a value
         print(f"gpt2jax train: {stopped}; resume with: {shlex.join(resume)}", file=sys.stderr)
         return 128 + stopped.signum
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "val_loss", "tokens_per_s", "mfu"))
-    print(f"{args.workdir}: {shown}")
+    print(f"{args.workdir}: {shown}" if shown else
+          f"{args.workdir}: finished already at step {config.train.max_steps}; nothing was trained (to train further, "
+          "--fork it into a new directory with a larger --config.train.max_steps)")
     return 0
 
 
@@ -271,6 +274,14 @@ def split_overrides(unknown: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     from gpt2jax.errors import UserError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # Python decoded the shell's bytes with the locale's encoding and surrogateescape: read them as UTF-8
+        argv = [os.fsencode(arg).decode("utf-8") for arg in argv]
+    except UnicodeError:
+        bad = next(arg for arg in argv if not _is_utf8(arg))
+        print(f"gpt2jax: error: the argument {ascii(bad)} is not UTF-8 text; every argument (prompts, paths, "
+              "overrides) is read as UTF-8", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides, rest = split_overrides(unknown)
@@ -295,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _is_utf8(arg: str) -> bool:
+    try:
+        os.fsencode(arg).decode("utf-8")
+        return True
+    except UnicodeError:
+        return False
 
 
 def one_line(error: Exception) -> str:

@@ -55,6 +55,23 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+INT32 = (-(2**31), 2**31 - 1)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_int_range(name: str, value: Any) -> None:
+    """A `UserError` in one line when an integer setting is out of the range it can take here: seeds are
+    32-bit (a jax key from a larger seed keeps its low 32 bits only, so 5 and 2**32 + 5 would be the same run),
+    every other integer fits int32 (steps, sizes and positions are int32 on the device)."""
+    if not is_int(value):
+        return
+    is_seed = name.split(".")[-1].endswith("seed")
+    low, high = SEED_RANGE if is_seed else INT32
+    if not low <= value <= high:
+        what = "seeds are 32-bit" if is_seed else "integers here are int32 (steps, sizes, positions on the device)"
+        raise UserError(f"{name}={value} is out of range: {what}, so it must be in [{low}, {high}]")
+
+
 def _dtype_name(dtype: Any) -> Any:
     """"bfloat16" for jnp.bfloat16, np.dtype("bfloat16"), "bfloat16"; anything else as given (validate says)."""
     if isinstance(dtype, str):

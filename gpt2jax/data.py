@@ -52,6 +52,13 @@ class TokenBins:
     def num_tokens(self, split: str) -> int:
         return self.meta["splits"][split]["tokens"]
 
+    @property
+    def fingerprint(self) -> str:
+        """What the tokens are, in 16 hex digits: each bin's size and sampled checksum (meta.json's records),
+        and the token counts. A run records it with every checkpoint, so it cannot resume on other data."""
+        recorded = {"files": self.meta.get("files"), "splits": self.meta.get("splits")}
+        return hashlib.blake2b(json.dumps(recorded, sort_keys=True).encode(), digest_size=8).hexdigest()
+
     def tokens(self, split: str) -> np.ndarray:
         """The split's tokens, memory-mapped read-only."""
         if self.num_tokens(split) == 0:
@@ -162,15 +169,9 @@ def _tokenizer_fingerprint(name: str) -> str:
 
 
 def _load_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names; a broken tokenizer directory is a UserError."""
-    try:
-        return load_tokenizer(name)
-    except UserError:
-        raise
-    except Exception as e:
-        if not os.path.isdir(name):
-            raise
-        raise UserError(f"data.tokenizer={name!r}: not a usable tokenizer directory ({describe(e)})") from None
+    """The tokenizer `data.tokenizer` names (a broken tokenizer directory is a UserError, from the one loader
+    that sample, eval and the Python API use too)."""
+    return load_tokenizer(name)
 
 
 def _check_settings(data: ml_collections.ConfigDict) -> None:

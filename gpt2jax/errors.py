@@ -11,17 +11,26 @@ class UserError(ValueError):
     """Bad input: a missing path, an inconsistent config, a corrupt checkpoint, ..."""
 
 
-def check_ids(name: str, ids: Any, upper: int, what: str) -> None:
-    """Integer ids (token or position ids) must lie in [0, upper); `what` names the limit. Arrays being
-    traced by JAX have no values to check."""
+def check_ids(name: str, ids: Any, upper: int, what: str, also: tuple[int, ...] = ()) -> None:
+    """Integer ids (token or position ids, labels) must lie in [0, upper) or be one of `also` (labels' -100);
+    `what` names the limit. Floats are refused rather than truncated. Arrays being traced by JAX have no
+    values to check, only their dtype."""
     import jax
     import numpy as np
 
-    if ids is None or isinstance(ids, jax.core.Tracer):
+    if ids is None:
+        return
+    dtype = ids.dtype if isinstance(ids, jax.core.Tracer) else np.asarray(ids).dtype
+    if np.dtype(dtype).kind not in "iu":
+        raise UserError(f"{name} must hold integer ids, got {np.dtype(dtype).name} values")
+    if isinstance(ids, jax.core.Tracer):
         return
     array = np.asarray(ids)
-    if array.size and (array.min() < 0 or array.max() >= upper):
-        raise UserError(f"{name} has values in [{array.min()}, {array.max()}] but {what} is {upper}")
+    outside = array[((array < 0) | (array >= upper)) & ~np.isin(array, also)] if array.size else array
+    if outside.size:
+        allowed = f"; {' and '.join(map(str, also))} also allowed" if also else ""
+        raise UserError(f"{name} has values in [{array.min()}, {array.max()}] but {what} is {upper} (such as "
+                        f"{outside.flat[0]}: ids must lie in [0, {upper}){allowed})")
 
 
 class Stopped(Exception):

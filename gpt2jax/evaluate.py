@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax import perf
 from gpt2jax.errors import UserError
 from gpt2jax.model import next_token_loss
 from gpt2jax.modeling import GPT2LMHeadModel
@@ -34,6 +35,8 @@ def evaluate_tokens(
         raise UserError(f"{len(tokens)} tokens are fewer than one window of {block_size + 1}")
     if max_batches is not None:
         windows = min(windows, max_batches * batch_size)
+    perf.check_fits(model.config, min(batch_size, windows), block_size, train=False,
+                    what=f"evaluating in batches of {batch_size}")
     used = np.asarray(tokens[: windows * block_size + 1], dtype=np.int32)
     if used.max() >= model.config.vocab_size:
         raise UserError(f"the data has token id {used.max()} but the model's vocab_size is {model.config.vocab_size}")
@@ -67,7 +70,8 @@ def evaluate(
     run_data = model.run_config["data"] if run else None
     block = block_size or (run_data["block_size"] if run_data else model.config.n_positions)
     if data:
-        tokens, source = text_file_tokens(data, tokenizer), data
+        needed = None if max_batches is None else max_batches * batch_size * block + 1
+        tokens, source = text_file_tokens(data, tokenizer, needed), data
     elif run_data:
         import ml_collections
 
@@ -79,8 +83,48 @@ def evaluate(
     return source, evaluate_tokens(model, tokenizer, tokens, block, batch_size, max_batches)
 
 
-def text_file_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
+CHUNK_CHARS = 1 << 20  # text tokenized at a time
+
+
+def text_file_tokens(path: str, tokenizer: Tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """The tokens of a UTF-8 text file, read and tokenized a chunk at a time (memory follows the tokens kept,
+    not the file), stopping once `max_tokens` are there. Chunks end after a newline between two non-space
+    characters, where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole text."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return np.asarray(tokenizer.encode(f.read()), dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    count, pending = 0, ""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        while max_tokens is None or count < max_tokens:
+            try:
+                chunk = f.read(CHUNK_CHARS)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (byte {e.start} of a chunk: {e.reason}); eval reads text "
+                                "files") from None
+            if "\x00" in chunk:
+                raise UserError(f"{path}: holds NUL bytes, so it is binary, not text; eval reads text files")
+            text, cut = pending + chunk, len(pending + chunk)
+            if chunk:
+                cut = max((i + 1 for i in _newline_ends(text)), default=0)
+            if cut:
+                ids = np.asarray(tokenizer.encode(text[:cut]), dtype=np.int64)
+                pieces.append(ids)
+                count += len(ids)
+            pending = text[cut:]
+            if not chunk:
+                break
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    return tokens if max_tokens is None else tokens[:max_tokens]
+
+
+def _newline_ends(text: str):
+    """The position of the last newline between two non-space characters (none or one, searched backwards):
+    GPT-2's pre-tokenizer makes such a newline a piece of its own, so text can be cut after it."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i < 1:
+            return
+        if i + 1 < len(text) and not text[i + 1].isspace() and not text[i - 1].isspace():
+            yield i
+            return

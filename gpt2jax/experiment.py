@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from gpt2jax import rundir
-from gpt2jax.config import DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config
+from gpt2jax.config import DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config, check_int_range
 from gpt2jax.errors import UserError
 
 
@@ -172,8 +172,11 @@ RESUME_SAFE_KEYS = {
 }
 
 
-def validate_experiment(config: ml_collections.ConfigDict, device_count: int) -> None:
-    """Raise UserError for the first inconsistent setting, before anything compiles."""
+def validate_experiment(config: ml_collections.ConfigDict, device_count: int, resuming: str | None = None) -> None:
+    """Raise UserError for the first inconsistent setting, before anything compiles. `resuming`: the run
+    directory this config resumes, whose checkpoints hold everything its init_from gave it."""
+    for name, value in rundir.flatten(config.to_dict()).items():
+        check_int_range(name, value)
     m, d, o, t = config.model, config.data, config.optim, config.train
     if m.size and m.size not in MODEL_SIZES:
         raise UserError(f"model.size={m.size!r} is not one of {', '.join(MODEL_SIZES)} (or '' for explicit sizes)")
@@ -217,7 +220,7 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int) ->
         raise UserError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if d.dataset != "pystdlib" and d.dataset.startswith((".", "/", "~")) and not glob.glob(os.path.expanduser(d.dataset)):
         raise UserError(f"data.dataset={d.dataset!r}: no such file or directory")
-    if config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from)):
+    if config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from)) and not resuming:
         raise UserError(f"init_from={config.init_from!r}: not 'scratch' and not a directory")
 
 
@@ -228,15 +231,23 @@ def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, A
     left_out = {"dtype", "param_dtype", "matmul_precision", "extra", *RUNTIME_FIELDS}
     resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in left_out})
     resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
+    if isinstance(resolved["data"].get("cache_dir"), str) and resolved["data"]["cache_dir"].strip():
+        # absolute: `eval --run` from another directory must find these bins, not tokenize into a new relative dir
+        resolved["data"]["cache_dir"] = os.path.abspath(os.path.expanduser(resolved["data"]["cache_dir"]))
     return resolved
 
 
-def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int) -> GPT2Config:
+def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int,
+                     resuming: str | None = None) -> GPT2Config:
     """The model an experiment trains: its own shape, or for fine-tuning the shape of the model it starts
-    from; checked against the tokenizer's vocabulary and the block size."""
+    from (when that directory is gone and the run resumes: the shape the run recorded); checked against the
+    tokenizer's vocabulary and the block size."""
     model = model_config(config, vocab_size, eos_token_id)
     if config.init_from != "scratch":
-        source = init_from_config(config.init_from)
+        if resuming and not os.path.isdir(os.path.expanduser(config.init_from)):
+            source = GPT2Config.from_dict(rundir.read_resolved_config(resuming)["model"])
+        else:
+            source = init_from_config(config.init_from)
         shape = {k: getattr(source, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
                                                  "n_inner", "activation_function", "layer_norm_epsilon")}
         model = model.replace(**shape)

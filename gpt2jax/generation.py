@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
-from gpt2jax.config import GPT2Config, is_int
+from gpt2jax.config import GPT2Config, check_int_range, is_int
 from gpt2jax.errors import UserError, check_ids
 from gpt2jax.model import GPT2LMHeadModule, init_cache
 
@@ -24,8 +24,8 @@ class GenerationConfig:
     """How to continue a prompt, with Hugging Face's names; checked when made.
 
     Greedy unless `do_sample`; sampling applies temperature, then top-k (0: off), then top-p, as Hugging
-    Face does. A row that emits `eos_token_id` (None: the model's) gets `pad_token_id` (None: EOS) after
-    it; -1 turns EOS off.
+    Face does. A row that emits `eos_token_id` (None: the model's) gets `pad_token_id` (None: the config's,
+    else EOS) after it; -1 turns EOS off. Both must be tokens of the model's vocabulary (checked per call).
     """
 
     max_new_tokens: int = 32
@@ -49,6 +49,11 @@ class GenerationConfig:
         for name in ("eos_token_id", "pad_token_id"):
             if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise UserError(f"{name} must be an integer token id or None, got {getattr(self, name)!r}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise UserError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not is_int(self.seed):
+            raise UserError(f"seed must be an integer, got {self.seed!r}")
+        check_int_range("seed", self.seed)
 
     @classmethod
     def from_kwargs(cls, base: GenerationConfig | None = None, **kwargs: Any) -> GenerationConfig:
@@ -63,9 +68,17 @@ class GenerationConfig:
         top_k = min(self.top_k, vocab_size) if self.do_sample else 0
         return sampling.SamplingRules(do_sample=self.do_sample, top_k=top_k, use_top_p=self.do_sample and self.top_p < 1)
 
-    def sampling_values(self, model_eos_token_id: int) -> sampling.SamplingValues:
-        eos = model_eos_token_id if self.eos_token_id is None else self.eos_token_id
-        pad = eos if self.pad_token_id is None else self.pad_token_id
+    def sampling_values(self, config: GPT2Config) -> sampling.SamplingValues:
+        """The traced settings, EOS and padding resolved against the model's config and checked against its
+        vocabulary (an id outside it would be read as another token, or give token 0 forever)."""
+        eos = config.eos_token_id if self.eos_token_id is None else self.eos_token_id
+        pad = self.pad_token_id if self.pad_token_id is not None else config.pad_token_id
+        pad = pad if pad is not None else (eos if eos >= 0 else 0)  # HF pads with EOS; with EOS off any id does
+        V = config.vocab_size
+        if not (eos == -1 or 0 <= eos < V):
+            raise UserError(f"eos_token_id={eos} is not a token of this model (vocab_size={V}); -1 turns EOS off")
+        if not 0 <= pad < V:
+            raise UserError(f"pad_token_id={pad} is not a token of this model (vocab_size={V})")
         return sampling.SamplingValues(temperature=jnp.float32(self.temperature), top_p=jnp.float32(self.top_p),
                                        eos_token_id=jnp.int32(eos), pad_token_id=jnp.int32(pad))
 
@@ -144,7 +157,7 @@ def prepare_prompts(input_ids: Any, attention_mask: Any, config: GPT2Config, gen
 
 def generate(decoding: Decoding, input_ids: Any, attention_mask: Any, gen: GenerationConfig) -> np.ndarray:
     """int32 (B, T + N): the prompts followed by N = max_new_tokens new tokens, in one compiled call."""
-    values = gen.sampling_values(decoding.config.eos_token_id)
+    values = gen.sampling_values(decoding.config)
     prompts = prepare_prompts(input_ids, attention_mask, decoding.config, gen, int(values.pad_token_id))
     tokens_BxL = sampling.generate_tokens(
         decoding.decoder, decoding.params, prompts.tokens_BxP, prompts.mask_BxP, gen.max_new_tokens,
@@ -159,7 +172,7 @@ def generate_stream(decoding: Decoding, input_ids: Any, attention_mask: Any, gen
     chunks concatenate to `generate`'s new tokens."""
     if not is_int(chunk_size) or chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    values = gen.sampling_values(decoding.config.eos_token_id)
+    values = gen.sampling_values(decoding.config)
     prompts = prepare_prompts(input_ids, attention_mask, decoding.config, gen, int(values.pad_token_id))
     rules = gen.sampling_rules(decoding.config.vocab_size)
     state = sampling.prefill_jit(decoding.decoder, decoding.params, prompts.tokens_BxP, prompts.mask_BxP,

@@ -15,14 +15,12 @@ import re
 import shutil
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
-from gpt2jax.model import GPT2LMHeadModule
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -34,12 +32,6 @@ WEIGHT_FILES = (
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # Non-parameter buffers that older transformers versions saved with the weights.
 _BUFFER_RE = re.compile(r"\.attn\.(bias|masked_bias)$")
-
-
-def _abstract_params(config: GPT2Config) -> Any:
-    return jax.eval_shape(
-        lambda: GPT2LMHeadModule(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    )
 
 
 def hf_name(path: tuple[str, ...]) -> str:
@@ -54,10 +46,27 @@ def _to_torch_layout(path: tuple[str, ...], array: Any) -> Any:
 
 
 def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """HF name -> the shape PyTorch holds, of every parameter the config implies (no compute)."""
-    flat = traverse_util.flatten_dict(_abstract_params(config))
-    return {hf_name(path): tuple(_to_torch_layout(path, np.empty(leaf.shape, bool)).shape)
-            for path, leaf in flat.items()}
+    """HF name -> the shape PyTorch holds, of every parameter the config implies: arithmetic on the config, so
+    a config.json claiming 100,000 layers is answered at once (tests/test_flax_api.py checks it against the
+    model's own tree)."""
+    D, F, V, P = config.n_embd, config.inner_dim, config.vocab_size, config.n_positions
+    shapes = {"transformer.wte.weight": (V, D), "transformer.wpe.weight": (P, D)}
+    block = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,),
+             "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,), "ln_2.weight": (D,), "ln_2.bias": (D,),
+             "mlp.c_fc.weight": (D, F), "mlp.c_fc.bias": (F,), "mlp.c_proj.weight": (F, D), "mlp.c_proj.bias": (D,)}
+    for i in range(config.n_layer):
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in block.items()})
+    return {**shapes, "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,)}
+
+
+def _tree_path(name: str) -> tuple[str, ...]:
+    """'transformer.h.3.mlp.c_fc.weight' -> ('transformer', 'h', '3', 'mlp', 'c_fc', 'kernel'): `hf_name`'s
+    inverse for the names `param_shapes` lists."""
+    *modules, leaf = name.split(".")
+    if leaf == "weight":
+        leaf = {"wte": "embedding", "wpe": "embedding", "ln_1": "scale", "ln_2": "scale", "ln_f": "scale"}.get(
+            modules[-1], "kernel")
+    return (*modules, leaf)
 
 
 def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:
@@ -94,12 +103,32 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: GPT2Config) ->
             raise UserError(
                 f"{name}: config.json implies shape {shape} but the checkpoint holds {tuple(found[name].shape)}"
             )
+    for name in expected:
+        _check_values(name, found[name])
     if lm_head is not None and not np.array_equal(np.asarray(lm_head), np.asarray(found["transformer.wte.weight"])):
         raise UserError("lm_head.weight differs from transformer.wte.weight; gpt2jax supports tied LM heads only")
-    by_name = {hf_name(path): path for path in traverse_util.flatten_dict(_abstract_params(config))}
     flat = {path: jnp.asarray(_to_torch_layout(path, np.asarray(found[name])), dtype=config.storage_dtype)
-            for name, path in by_name.items()}
+            for name, path in ((name, _tree_path(name)) for name in expected)}
     return traverse_util.unflatten_dict(flat)
+
+
+def checked_params(params: Any, config: GPT2Config) -> Any:
+    """A run checkpoint's params, checked as HF files are (names, shapes, dtypes, finite values) against the
+    config they will run with: a checkpoint whose stored config was edited, or whose weights were, is refused
+    in one line instead of running with a part of its weights."""
+    return from_hf_state_dict(to_hf_state_dict(params), config)
+
+
+def _check_values(name: str, array: Any) -> None:
+    """A parameter must hold finite floating-point numbers: NaN or Inf weights would load and then print NUL
+    bytes and `loss nan` with exit status 0."""
+    array = np.asarray(array)
+    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+        raise UserError(f"{name} holds {array.dtype} values; a GPT-2 parameter must be floating point")
+    finite = np.isfinite(array.astype(np.float32) if array.dtype.name == "bfloat16" else array)
+    if not finite.all():
+        raise UserError(f"{name} holds {int(finite.size - finite.sum())} non-finite values (NaN or Inf); "
+                        "the weights are damaged")
 
 
 def _some(names: list[str], limit: int = 4) -> str:
@@ -171,7 +200,17 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(path, framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            names = list(f.keys())
+            tensors = {}
+            for name in names:
+                try:
+                    tensors[name] = f.get_tensor(name)
+                except SafetensorError:
+                    raise
+                except Exception as e:  # a dtype numpy has no type for (F8_E4M3, ...), ...
+                    raise UserError(f"{path}: tensor {name} cannot be read as a numpy array ({type(e).__name__}: "
+                                    f"{str(e)[:120]}); gpt2jax reads float32, float16 and bfloat16 weights") from None
+            return tensors
     except SafetensorError as e:
         raise UserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
@@ -202,8 +241,13 @@ def _load_flax_msgpack(path: str) -> dict[str, np.ndarray]:
             tree = serialization.msgpack_restore(f.read())
     except Exception as e:
         raise UserError(f"{path}: corrupt or truncated msgpack file ({type(e).__name__})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: holds a {type(tree).__name__}, not a tree of named parameters")
     tensors = {}
     for path_parts, array in traverse_util.flatten_dict(tree).items():
+        if path_parts[-1] not in _LEAF_TO_HF or not all(isinstance(part, str) for part in path_parts):
+            raise UserError(f"{path}: {'/'.join(map(str, path_parts))} is not a GPT-2 parameter name (a Flax GPT-2's "
+                            f"leaves are named {', '.join(_LEAF_TO_HF)})")
         tensors[hf_name(path_parts)] = _to_torch_layout(path_parts, np.asarray(array))
     return tensors
 
@@ -251,10 +295,12 @@ def export_run(run: str, step: str, out: str) -> int:
     if not rundir.has_checkpoints(run):
         raise UserError(f"{run}: not a gpt2jax run directory (no config.json beside checkpoints/)")
     rundir.read_resolved_config(run)
-    restored = Checkpoints(run).restore_params(step)
-    params, resolved = restored.state["params"], restored.config
+    restored = Checkpoints(run, read_only=True).restore_params(step)
+    resolved = restored.config
     config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"])
+    params = checked_params(restored.state["params"], config)
     staging = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
+    _remove_abandoned_staging(staging.rsplit(".tmp-", 1)[0])
     try:
         save_pretrained(staging, params, config)
         if resolved["data"]["tokenizer"] == "gpt2":
@@ -264,6 +310,22 @@ def export_run(run: str, step: str, out: str) -> int:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
     return restored.step
+
+
+def _remove_abandoned_staging(out: str) -> None:
+    """Remove the `OUT.tmp-PID` directories of exports that were killed (their process is gone): ours, by name."""
+    import glob
+
+    for path in glob.glob(glob.escape(out) + ".tmp-*"):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _write_gpt2_tokenizer_files(directory: str) -> None:

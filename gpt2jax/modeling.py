@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Iterator
 
@@ -11,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from gpt2jax import forward, generation, hf, rundir
-from gpt2jax.config import DTYPES, GPT2Config
-from gpt2jax.errors import UserError
+from gpt2jax import forward, generation, hf, perf, rundir
+from gpt2jax.config import DTYPES, GPT2Config, check_int_range, is_int
+from gpt2jax.errors import UserError, check_ids
 from gpt2jax.forward import BaseModelOutput, CausalLMOutput
 from gpt2jax.generation import GenerationConfig
-from gpt2jax.model import Cache, GPT2LMHeadModule, GPT2Module, init_cache, init_params
+from gpt2jax.model import IGNORE_INDEX, Cache, GPT2LMHeadModule, GPT2Module, init_cache, init_params
 
 
 class PretrainedGPT2:
@@ -44,6 +43,7 @@ class PretrainedGPT2:
         False: none at all, see `init_weights`). `dtype` sets the compute dtype (a name or a jnp dtype)."""
         if not isinstance(config, GPT2Config):
             raise UserError(f"config must be a gpt2jax GPT2Config, got {type(config).__name__}")
+        check_int_range("seed", seed)
         self.config = config if dtype is None else config.replace(dtype=dtype)
         self.input_shape, self.key, self._do_init = tuple(input_shape), jax.random.key(seed), bool(_do_init)
         self.training = False
@@ -87,6 +87,8 @@ class PretrainedGPT2:
         With `params`, the ones it holds are kept and only the missing ones drawn."""
         if len(tuple(input_shape)) != 2:
             raise UserError(f"input_shape must be (batch, time), got {input_shape}")
+        perf.check_fits(self.config, 1, 1, train=False, what=f"a GPT-2 of n_embd={self.config.n_embd}, "
+                                                             f"n_layer={self.config.n_layer}")
         fresh = init_params(self.config, rng)
         fresh = fresh if self._head else fresh[self.base_model_prefix]
         if params is None:
@@ -119,7 +121,10 @@ class PretrainedGPT2:
             config, params, run = cls._from_run(os.fspath(name_or_path), step, overrides)
         else:
             if step is not None:
-                raise UserError(f"{name_or_path}: step= applies to run directories only")
+                if not os.path.exists(name_or_path):
+                    raise UserError(f"{name_or_path}: no such run directory")
+                raise UserError(f"{name_or_path}: not a gpt2jax run directory (no config.json beside checkpoints/); "
+                                "step= applies to run directories only")
             config, params = hf.load_pretrained(name_or_path, **overrides)
             run = None
         if not cls._head:
@@ -137,10 +142,10 @@ class PretrainedGPT2:
         from gpt2jax.checkpoint import Checkpoints
 
         rundir.read_resolved_config(run_dir)  # one clear error for a damaged config.json, before Orbax reads
-        restored = Checkpoints(run_dir).restore_params(step)
+        restored = Checkpoints(run_dir, read_only=True).restore_params(step)
         resolved = restored.config
-        config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"], **overrides)
-        return config, jax.tree.map(jnp.asarray, restored.state["params"]), (restored.step, resolved)
+        config = GPT2Config.from_dict(resolved["model"], **{"dtype": resolved["train"]["compute_dtype"], **overrides})
+        return config, hf.checked_params(restored.state["params"], config), (restored.step, resolved)
 
     def save_pretrained(self, directory: str | os.PathLike, params: Any = None) -> None:
         """Write `config.json` and `model.safetensors` that `transformers` loads as is: the model's
@@ -175,6 +180,11 @@ class PretrainedGPT2:
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
         """An empty KV cache of `max_length` slots (HF Flax's `init_cache`): pass it as `past_key_values`
         with an attention mask spanning all `max_length` slots."""
+        if not is_int(batch_size) or batch_size < 1:
+            raise UserError(f"init_cache: batch_size must be a positive integer, got {batch_size!r}")
+        if not is_int(max_length) or not 1 <= max_length <= self.config.n_positions:
+            raise UserError(f"init_cache: max_length must be an integer in [1, n_positions={self.config.n_positions}], "
+                            f"got {max_length!r}")
         return init_cache(self.config, batch_size, max_length)
 
     def _forward(self, arguments: dict[str, Any]) -> CausalLMOutput | BaseModelOutput | tuple:
@@ -196,6 +206,7 @@ class PretrainedGPT2:
                 raise UserError(f"labels have shape {np.shape(labels)} but the input has {shape}")
             if logits_to_keep:
                 raise UserError("labels need the logits of every position: leave logits_to_keep at 0")
+            check_ids("labels", labels, config.vocab_size, "vocab_size", also=(IGNORE_INDEX,))
             labels = jnp.asarray(labels, jnp.int32)
         train = bool(self.training if a["train"] is None else a["train"])
         dropout_rng = a["dropout_rng"]
@@ -334,7 +345,7 @@ class GPT2LMHeadModel(PretrainedGPT2):
           int32 (B, T + max_new_tokens): the prompts followed by the new tokens.
         """
         gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
-        return generation.generate(self.decoding(params), input_ids, attention_mask, self._with_pad(gen))
+        return generation.generate(self.decoding(params), input_ids, attention_mask, gen)
 
     def generate_stream(
         self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None, *,
@@ -343,13 +354,7 @@ class GPT2LMHeadModel(PretrainedGPT2):
         """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps; with the same
         settings the chunks concatenate to `generate`'s new tokens."""
         gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
-        return generation.generate_stream(self.decoding(params), input_ids, attention_mask, self._with_pad(gen),
-                                          chunk_size)
-
-    def _with_pad(self, gen: GenerationConfig) -> GenerationConfig:
-        if gen.pad_token_id is None and self.config.pad_token_id is not None:
-            return dataclasses.replace(gen, pad_token_id=self.config.pad_token_id)
-        return gen
+        return generation.generate_stream(self.decoding(params), input_ids, attention_mask, gen, chunk_size)
 
     def decoding(self, params: Any = None) -> generation.Decoding:
         """The decoder and `params` (default: the model's) in the decode layout, made again only when the

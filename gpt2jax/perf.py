@@ -101,3 +101,46 @@ def enable_compilation_cache() -> str | None:
     # the same holds for an entry that cannot be written (a full disk): the cache is skipped, not the command
     warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache entry")
     return directory
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes, what) one local device can hold: its allocator's limit on GPUs and TPUs, this machine's RAM
+    shared by its CPU devices on CPUs."""
+    device = jax.local_devices()[0]
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # CPU clients may not implement memory_stats
+        limit = None
+    if limit:
+        return int(limit), f"{device.device_kind}'s {limit / 2**30:.1f} GiB"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    share = ram // jax.local_device_count()
+    return share, f"{share / 2**30:.1f} GiB of this machine's RAM per CPU device"
+
+
+def estimate_memory(config, batch_per_device: int, seq_len: int, train: bool) -> int:
+    """Bytes a step needs on one device, from the config alone (a lower estimate: XLA's temporaries come on
+    top): the parameters, with training their gradients and Adam's two float32 moments, and the activations,
+    after Korthikanti et al. (2022): per layer and token (34 D + 5 H T) half-precision bytes kept for the
+    backward pass, doubled for float32, plus the float32 logits and their gradient; without training one
+    layer's activations at a time."""
+    params = config.num_parameters()
+    size = jnp.dtype(config.compute_dtype).itemsize
+    weights = params * jnp.dtype(config.storage_dtype).itemsize + (params * (4 + 8) if train else 0)
+    tokens = batch_per_device * seq_len
+    per_layer = tokens * (34 * config.n_embd + 5 * config.n_head * seq_len) * size // 2
+    logits = tokens * config.vocab_size * 4 * (2 if train else 1)
+    return weights + (config.n_layer if train else 1) * per_layer + logits
+
+
+def check_fits(config, batch_per_device: int, seq_len: int, train: bool, what: str) -> None:
+    """A `UserError` in one line, before anything is allocated or written, when `what` cannot fit one
+    device by `estimate_memory`."""
+    from gpt2jax.errors import UserError
+
+    needed = estimate_memory(config, batch_per_device, seq_len, train)
+    available, described = device_memory()
+    if needed > available:
+        raise UserError(f"{what} needs at least {needed / 2**30:,.1f} GiB per device ({config.num_parameters():,} "
+                        f"parameters, {batch_per_device} x {seq_len} tokens per device), more than {described}; "
+                        "make the model or the batch smaller (or use more devices / gradient accumulation)")

@@ -81,6 +81,14 @@ def user_entries(path: str) -> list[str]:
 
 def check_workdir(workdir: str, writing: bool = True) -> None:
     """A place a run can live: a directory or a path under one (not under a file), that we may write."""
+    try:
+        os.fsencode(workdir)
+    except UnicodeError:
+        raise UserError(f"--workdir {ascii(workdir)}: this process's file-system encoding is "
+                        f"{sys.getfilesystemencoding()} (a C/POSIX locale), which cannot name it; run with "
+                        "LANG=C.UTF-8 (or PYTHONUTF8=1)") from None
+    if os.path.islink(workdir) and not os.path.exists(workdir):
+        raise UserError(f"--workdir {workdir} is a link to {os.readlink(workdir)}, which does not exist")
     existing = os.path.abspath(workdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -88,6 +96,23 @@ def check_workdir(workdir: str, writing: bool = True) -> None:
         raise UserError(f"--workdir {workdir}: {existing} is a file, not a directory")
     if writing and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--workdir {workdir}: no permission to write in {existing}")
+    owner = _owning_run(workdir)
+    if owner is not None:
+        run, entry = owner
+        raise UserError(f"--workdir {workdir} is inside {os.path.join(run, entry)}, which belongs to the run in {run} "
+                        "(its --overwrite would remove it); choose a directory outside that run's entries")
+
+
+def _owning_run(path: str) -> tuple[str, str] | None:
+    """(run, entry) when `path` lies inside one of the entries a run owns (its checkpoints/, tb/, ...), by its
+    path as given and as resolved through links; else None."""
+    for form in {os.path.abspath(path), os.path.realpath(path)}:
+        child, parent = form, os.path.dirname(form)
+        while parent != child:
+            if os.path.basename(child) in RUN_ENTRIES and is_run(parent):
+                return parent, os.path.basename(child)
+            child, parent = parent, os.path.dirname(parent)
+    return None
 
 
 def holds_anything(path: str) -> bool:
@@ -102,7 +127,15 @@ def check_overwrite(workdir: str) -> list[str]:
     if not is_run(workdir):
         raise UserError(f"--overwrite: {workdir} is not a gpt2jax run directory (no readable experiment config.json "
                         "beside run.json or checkpoints/); nothing was written or removed")
-    return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(workdir, name))]
+    entries = [name for name in RUN_ENTRIES if os.path.lexists(os.path.join(workdir, name))]
+    for name in entries:  # everything is checked before anything is removed
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            for directory, subdirs, _ in os.walk(path):  # links are not followed (and are unlinked, not emptied)
+                if is_run(directory) and directory != path:
+                    raise UserError(f"--overwrite: {directory} is another run, inside {workdir}'s {name}/; move it "
+                                    "out first (nothing was written or removed)")
+    return entries
 
 
 def remove_run_entries(workdir: str, entries: list[str]) -> None:
@@ -114,7 +147,10 @@ def remove_run_entries(workdir: str, entries: list[str]) -> None:
           + (f"; keeps {', '.join(kept)}" if kept else ""), file=sys.stderr)
     for name in entries:
         path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:  # a file, or a link (to a directory too): the link goes, what it points at stays
+            os.remove(path)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

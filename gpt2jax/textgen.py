@@ -73,7 +73,7 @@ def sample(
     completions = []
     if not stream:
         tokens = model.generate(np.array([ids] * num_samples), seed=seed, **kwargs)
-        completions = [tokenizer.decode(row[len(ids):], skip_special_tokens=True) for row in tokens]
+        completions = [tokenizer.decode(row[len(ids):], skip_special_tokens=True, unknown="replace") for row in tokens]
         for i, text in enumerate(completions):
             out.write(("" if i == 0 else "\n---\n") + prompt + text + "\n")
         return completions
@@ -83,11 +83,11 @@ def sample(
         shown = ""
         for chunk in model.generate_stream(np.array([ids]), seed=seed + i, **kwargs):
             new_ids += chunk[0].tolist()
-            text = tokenizer.decode(new_ids, skip_special_tokens=True)
+            text = tokenizer.decode(new_ids, skip_special_tokens=True, unknown="replace")
             stable = text.rstrip("\ufffd")  # a character split across tokens: wait for the rest
             out.write(stable[len(shown):])
             out.flush()
             shown = stable
-        completions.append(tokenizer.decode(new_ids, skip_special_tokens=True))
+        completions.append(tokenizer.decode(new_ids, skip_special_tokens=True, unknown="replace"))
         out.write(completions[-1][len(shown):] + "\n")
     return completions

@@ -73,14 +73,22 @@ class Tokenizer:
     def eos_token(self) -> str:
         return ENDOFTEXT
 
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD, as in Hugging Face."""
-        ids = np.asarray(ids).reshape(-1).tolist()
+    def decode(self, ids: Any, skip_special_tokens: bool = False, unknown: str = "error") -> str:
+        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD, as in Hugging Face. Ids outside the
+        vocabulary are an error, never skipped; with unknown="replace" each becomes U+FFFD (for a model whose
+        vocabulary is larger than its tokenizer's, sampling)."""
+        array = np.asarray(ids)
+        if array.size and array.dtype.kind not in "iu":
+            raise UserError(f"decode takes integer token ids, got {array.dtype} values")
+        outside = (array < 0) | (array >= len(self)) if array.size else np.zeros(0, bool)
+        if outside.any() and unknown != "replace":
+            raise UserError(f"token id {array[outside].flat[0]} is not in this tokenizer's vocabulary "
+                            f"[0, {len(self)})")
         pieces = []
-        for i in ids:
+        for i in array.reshape(-1).tolist():
             if skip_special_tokens and i in (self.eos_token_id, self.pad_token_id):
                 continue
-            pieces.append(self.token_bytes(i))
+            pieces.append(self.token_bytes(i) if 0 <= i < len(self) else "\ufffd".encode())
         return b"".join(pieces).decode("utf-8", errors="replace")
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
@@ -97,9 +105,14 @@ class Tokenizer:
     ) -> dict[str, Any]:
         """Encode a text or a batch: {"input_ids", "attention_mask"}, int32 (B, T) arrays with
         return_tensors="np", lists with None. padding: False, True/"longest" or "max_length"."""
+        if texts is None or not isinstance(texts, (str, list, tuple)):
+            raise UserError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in batch):
             raise UserError("texts must be a string or a list of strings")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise UserError(f"max_length must be a positive integer, got {max_length!r}")
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise UserError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -107,7 +120,7 @@ class Tokenizer:
             raise UserError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
         if return_tensors not in ("np", None):
             raise UserError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
-        limit = max_length or self.model_max_length
+        limit = max_length if max_length is not None else self.model_max_length
         if (truncation or padding == "max_length") and limit is None:
             raise UserError("truncation and padding='max_length' need max_length")
         ids = self.encode_batch(batch)
@@ -160,16 +173,13 @@ class GPT2Tokenizer(Tokenizer):
             return _bundled_gpt2()
         if not os.path.isdir(path):
             raise UserError(f"{path}: not a tokenizer directory (and not one of {', '.join(sorted(_GPT2_NAMES))})")
-        vocab_path, merges_path = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-        if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(merges_path, encoding="utf-8") as f:
-                merges = _parse_merges(f.read())
-            return _from_vocab_and_merges(vocab, merges, {}, name=path)
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return _from_tokenizer_json(os.path.join(path, "tokenizer.json"))
-        raise UserError(f"{path}: no vocab.json + merges.txt and no tokenizer.json")
+        try:
+            return _from_directory(path)
+        except UserError:
+            raise
+        except Exception as e:  # JSON that is not, text that is not UTF-8, a structure that is not a tokenizer's
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise UserError(f"{path}: not a usable tokenizer directory ({type(e).__name__}: {reason})") from None
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids; `<|endoftext|>` in the text becomes the EOS token, as in Hugging Face."""
@@ -210,6 +220,21 @@ class ByteTokenizer(Tokenizer):
         return ENDOFTEXT.encode() if token_id == self.eos_token_id else b""
 
 
+def _from_directory(path: str) -> GPT2Tokenizer:
+    """An HF tokenizer directory's files: vocab.json + merges.txt, else tokenizer.json. Every reader of a
+    tokenizer directory (prepare, sample, eval, the Python API) comes here."""
+    vocab_path, merges_path = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+            merges = _parse_merges(f.read())
+        return _from_vocab_and_merges(vocab, merges, {}, name=path)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return _from_tokenizer_json(os.path.join(path, "tokenizer.json"))
+    raise UserError(f"{path}: no vocab.json + merges.txt and no tokenizer.json")
+
+
 def load_tokenizer(name: str) -> Tokenizer:
     """The tokenizer a config names: "gpt2", "byte", or an HF tokenizer directory."""
     return ByteTokenizer() if name == "byte" else GPT2Tokenizer.from_pretrained(name)
@@ -239,14 +264,24 @@ def _bundled_gpt2() -> GPT2Tokenizer:
 def _from_tokenizer_json(path: str) -> GPT2Tokenizer:
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise UserError(f"{path}: not a tokenizer.json (expected an object with a \"model\" object)")
     model = spec.get("model") or {}
     pre = spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
         raise UserError(f"{path}: not a GPT-2-style byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel)")
     if spec.get("normalizer"):
         raise UserError(f"{path}: has a normalizer, which GPT-2 tokenizers do not; not supported")
+    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        raise UserError(f"{path}: model.vocab must be an object and model.merges a list")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    bad = [m for m in merges if len(m) != 2 or not all(isinstance(part, str) for part in m)]
+    if bad:
+        raise UserError(f"{path}: merge {list(bad[0])!r} is not a pair of tokens")
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and "content" in t and "id" in t for t in added):
+        raise UserError(f"{path}: added_tokens must be a list of objects with content and id")
+    special = {t["content"]: t["id"] for t in added if t.get("special")}
     return _from_vocab_and_merges(model["vocab"], merges, special, name=os.path.dirname(path))
 
 
@@ -268,7 +303,11 @@ def _from_vocab_and_merges(
     id_of_bytes = {b: i for i, b in vocab_bytes_by_id.items()}
     ranks: dict[bytes, int] = {}
     id_of_rank: list[int] = []
-    for piece in [bytes([b]) for b in _gpt2_byte_order()] + [as_bytes(a) + as_bytes(b) for a, b in merges]:
+    try:
+        merged = [as_bytes(a) + as_bytes(b) for a, b in merges]
+    except KeyError as e:
+        raise UserError(f"{name}: merges have a character {e} outside GPT-2's byte alphabet") from None
+    for piece in [bytes([b]) for b in _gpt2_byte_order()] + merged:
         if piece in ranks:
             continue
         if piece not in id_of_bytes:

@@ -95,12 +95,14 @@ class Plan:
     attention: tuple[str, str]  # (implementation, why) of the train step's attention
     overwrite: list[str]  # run entries --overwrite removes
     fork_from: str | None
+    placeholder: bool = False  # initial_params are not the run's start (its init_from is gone): restore must succeed
 
 
 def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, fork_from: str | None,
              progress: bool) -> Plan:
     """Validate and resolve everything a run needs; raises UserError before anything is written."""
-    validate_experiment(config, jax.device_count())
+    resuming = workdir if not overwrite and not fork_from and _has_a_step(workdir) else None
+    validate_experiment(config, jax.device_count(), resuming)
     platform = attention.current_platform()
     attention.check_platform(config.model.attention, platform)  # before minutes of tokenizing
     rundir.check_workdir(workdir)
@@ -109,15 +111,42 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     if fork_from is not None:
         rundir.check_fork_target(workdir, fork_from)
     removed = rundir.check_overwrite(workdir) if overwrite else []
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    t = config.train
+    perf.check_fits(experiment_model(config, len(tokenizer), tokenizer.eos_token_id, resuming),  # before tokenizing
+                    t.global_batch_size // (jax.device_count() * t.grad_accum_steps), config.data.block_size,
+                    train=True, what="training this model")
     # data.prepare's bars redraw with carriage returns: on a terminal only
     bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"])
+    model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"], resuming)
     runs = attention.check(model, platform, config.data.block_size, train=uses_dropout(model))
     resolved = resolve(config, model)
     if not overwrite and not fork_from:
         rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS)
-    return Plan(config, resolved, model, bins, tokenizer, initial_params(config, model), runs, removed, fork_from)
+        check_same_data(workdir, bins)
+    source_gone = config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from))
+    # a resumed fine-tune whose init_from is gone starts from its checkpoint, never from these placeholders
+    initial = init_params(model, config.train.seed) if source_gone else initial_params(config, model)
+    return Plan(config, resolved, model, bins, tokenizer, initial, runs, removed, fork_from, placeholder=source_gone)
+
+
+def _has_a_step(workdir: str) -> bool:
+    return rundir.has_checkpoints(workdir) and Checkpoints(workdir, read_only=True).latest_step() is not None
+
+
+def check_same_data(workdir: str, bins: TokenBins) -> None:
+    """Resuming continues on the data the run's latest checkpoint was trained on, or refuses in one line: the
+    config can name the same file while its text changed. Checkpoints written before runs recorded their data
+    carry no fingerprint and are not checked."""
+    if not rundir.has_checkpoints(workdir):
+        return
+    checkpoints = Checkpoints(workdir, read_only=True)
+    step = checkpoints.latest_step()
+    recorded = None if step is None else checkpoints.data_position(step).get("data")
+    if recorded is not None and recorded != bins.fingerprint:
+        raise UserError(f"{workdir} was trained on other data: its step {step} recorded token bins {recorded}, the "
+                        f"data now gives {bins.fingerprint} (the text changed since); use --fork NEW_DIR to continue "
+                        "from its checkpoint on this data, or --overwrite")
 
 
 def uses_dropout(model: GPT2Config) -> bool:
@@ -130,8 +159,8 @@ def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
     if config.init_from == "scratch":
         return init_params(model, config.train.seed)
     if rundir.has_checkpoints(source):
-        params = Checkpoints(source).restore_params("latest").state["params"]
-        return hf.from_hf_state_dict(hf.to_hf_state_dict(params), model)
+        params = Checkpoints(source, read_only=True).restore_params("latest").state["params"]
+        return hf.checked_params(params, model)
     return hf.from_hf_state_dict(hf.load_state_dict(source), model)
 
 
@@ -226,8 +255,11 @@ class Run:
         state = init_state(self.plan.initial_params, self.optimizer, self.t.seed)
         replicated = global_replicated_sharding()
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-        source = Checkpoints(self.plan.fork_from) if self.plan.fork_from else self.checkpoints
+        source = Checkpoints(self.plan.fork_from, read_only=True) if self.plan.fork_from else self.checkpoints
         found = source.restore_latest_good(target)
+        if found is None and self.plan.placeholder:
+            raise UserError(f"{self.workdir} has no readable checkpoint and its init_from="
+                            f"{self.plan.config.init_from!r} is gone: there is nothing to start from")
         start = 0 if found is None else found.step
         if found is not None:
             state = found.state
@@ -298,7 +330,8 @@ class Run:
 
     def save(self, done: int, p_state: TrainState, val_loss: float | None) -> None:
         with host_sync():
-            self.checkpoints.save(done, to_global(p_state), data={"step": done, "seed": self.t.seed},
+            self.checkpoints.save(done, to_global(p_state),
+                                  data={"step": done, "seed": self.t.seed, "data": self.plan.bins.fingerprint},
                                   config=self.plan.resolved, meta={"loss": self.last.get("loss")}, val_loss=val_loss)
 
     def finished(self) -> None:
@@ -337,4 +370,4 @@ def sample_text(model: GPT2Config, replicated_params: Any, tokenizer: Tokenizer,
     lm = GPT2LMHeadModel(model, params=unreplicate_to_host(replicated_params))
     ids = lm.generate(np.array([prompt]), max_new_tokens=new_tokens, do_sample=True, top_k=50, seed=seed,
                       eos_token_id=-1)
-    return tokenizer.decode(ids[0, len(prompt):])
+    return tokenizer.decode(ids[0, len(prompt):], unknown="replace")

@@ -513,7 +513,7 @@ GOOD_JSONL = lambda p: write(p / "good.jsonl", "".join(json.dumps({"text": d}) +
     pytest.param(lambda p: unreadable(corpus_with(p, "sub/x.jsonl", '{"text": "x"}') / "sub").parent, None,
                  r"corpus/sub: cannot be listed \(Permission denied\)", id="unlistable-dir", marks=not_root),
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text('{"a": 0,')),
-                 r"data\.tokenizer='.*tok': not a usable tokenizer directory \(JSONDecodeError", id="broken-vocab"),
+                 r"tok: not a usable tokenizer directory \(JSONDecodeError", id="broken-vocab"),
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.write_text("[1, 2]")),
                  r"tok: the vocabulary is a JSON list, not an object of token -> id", id="vocab-a-list"),
     pytest.param(GOOD_JSONL, lambda p: tokenizer_dir(p, lambda v: v.mkdir()),

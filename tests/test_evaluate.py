@@ -111,3 +111,50 @@ def test_eval_cli_on_a_model_directory_and_a_text_file(tmp_path):
     assert float(perplexity) == pytest.approx(expected["perplexity"], rel=1e-5, abs=1e-3)
     assert float(bits_per_byte) == pytest.approx(expected["bits_per_byte"], abs=1e-4)
     assert int(tokens.replace(",", "")) == expected["tokens"]
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), GPT2Tokenizer.from_pretrained("gpt2")], ids=["byte", "gpt2"])
+def test_a_text_file_is_tokenized_in_chunks_as_the_whole_text_would_be(tmp_path, monkeypatch, tokenizer):
+    import inspect as inspect_module
+
+    from gpt2jax import evaluate as evaluate_module
+
+    text = inspect_module.getsource(evaluate_module) * 3  # code: indentation, blank lines, long lines
+    path = tmp_path / "text.py"
+    path.write_text(text)
+    monkeypatch.setattr(evaluate_module, "CHUNK_CHARS", 97)  # many chunks, cut at odd places
+    np.testing.assert_array_equal(evaluate_module.text_file_tokens(str(path), tokenizer), tokenizer.encode(text))
+    first = evaluate_module.text_file_tokens(str(path), tokenizer, max_tokens=50)
+    np.testing.assert_array_equal(first, tokenizer.encode(text)[:50])
+    reads = []
+    original_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: _CountingFile(original_open(*a, **k), reads))
+    evaluate_module.text_file_tokens(str(path), tokenizer, max_tokens=50)
+    assert sum(reads) < len(text) / 10  # it stopped reading once it had enough
+
+
+class _CountingFile:
+    def __init__(self, f, reads):
+        self.f, self.reads = f, reads
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("content, message", [(b"def f():\n\xff\xfe\n", "not UTF-8 text"),
+                                              (b"text\x00\x01\x02", "holds NUL bytes")])
+def test_eval_refuses_a_file_that_is_not_text(tmp_path, content, message):
+    from gpt2jax.errors import UserError
+    from gpt2jax.evaluate import text_file_tokens
+
+    (tmp_path / "data.bin").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        text_file_tokens(str(tmp_path / "data.bin"), ByteTokenizer())

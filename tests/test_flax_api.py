@@ -321,3 +321,27 @@ def test_old_parameter_trees_convert_both_ways_with_the_optimizer_moments():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     assert jax.tree.map(lambda x: x.shape, convert_trees(abstract, to_format=1)) == \
         jax.tree.map(lambda x: x.shape, old)
+
+
+def test_the_expected_pytorch_shapes_are_the_models():
+    """`hf.param_shapes` is arithmetic on the config (fast for any n_layer); it must name and shape exactly
+    what the model holds."""
+    from gpt2jax import hf
+
+    for config in (CONFIG, GPT2Config(**TINY_CONFIGS["even"])):
+        held = {name: tuple(array.shape) for name, array in hf.to_hf_state_dict(GPT2LMHeadModel(config).params).items()}
+        assert hf.param_shapes(config) == held
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(pad_token_id=CONFIG.vocab_size), f"pad_token_id={CONFIG.vocab_size} is not a token of this model"),
+    (dict(pad_token_id=-5), "pad_token_id=-5 is not a token"),
+    (dict(eos_token_id=-5), "eos_token_id=-5 is not a token of this model"),
+    (dict(do_sample="no"), "do_sample must be True or False"),
+    (dict(seed=2**70), "seed=1180591620717411303424 is out of range"),
+])
+def test_generate_refuses_ids_outside_the_vocabulary(setting, message):
+    model = GPT2LMHeadModel(CONFIG, seed=1)
+    with pytest.raises(UserError, match=message):
+        model.generate(IDS[:, :3], max_new_tokens=2, **setting)
+    assert model.generate(IDS[:, :3], max_new_tokens=2, eos_token_id=-1).shape == (2, 5)  # -1: EOS off

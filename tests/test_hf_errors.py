@@ -60,8 +60,8 @@ def test_garbage_safetensors(checkpoint):
 
 def test_config_that_does_not_match_the_weights_names_parameter_and_shapes(checkpoint):
     edit_config(checkpoint, n_inner=40)
-    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.bias: config.json implies shape \(40,\) "
-                                        r"but the checkpoint holds \(37,\)"):
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight: config.json implies shape \(30, 40\) "
+                                        r"but the checkpoint holds \(30, 37\)"):
         GPT2LMHeadModel.from_pretrained(checkpoint)
 
 
@@ -150,6 +150,11 @@ def test_hub_name_offline_says_so_quickly(monkeypatch):
         (dict(input_ids=[[1] * 41]), "41 tokens but the model has n_positions=40"),
         (dict(input_ids=[[1, 2]], position_ids=[[0, 40]]), "position_ids has values"),
         (dict(input_ids=[[1, 2]], labels=[[1, 2, 3]]), "labels have shape"),
+        (dict(input_ids=[[1, 2]], labels=[[1, 131]]), r"labels has values in \[1, 131\] but vocab_size is 131"),
+        (dict(input_ids=[[1, 2]], labels=[[-5, 2]]), r"such as -5: ids must lie in \[0, 131\); -100 also allowed"),
+        (dict(input_ids=[[1.7, 2.0]]), "input_ids must hold integer ids, got float64 values"),
+        (dict(input_ids=[[1, 2]], labels=[[1.0, 2.0]]), "labels must hold integer ids, got float64"),
+        (dict(input_ids=[[1, 2]], position_ids=[[0.5, 1.0]]), "position_ids must hold integer ids"),
     ],
 )
 def test_bad_model_inputs(kwargs, message):
@@ -183,3 +188,83 @@ def test_loaded_weights_are_exactly_the_files(checkpoint):
     state = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
     for name, array in load_file(checkpoint / "model.safetensors").items():
         np.testing.assert_array_equal(state[name], array)
+
+
+def _rewrite_weights(directory, change):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, bad):
+    def damage(tensors):
+        tensors["transformer.h.1.mlp.c_fc.bias"][3] = bad
+
+    _rewrite_weights(checkpoint, damage)
+    with pytest.raises(UserError, match=r"transformer.h.1.mlp.c_fc.bias holds 1 non-finite values"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_integer_weights_are_refused_naming_the_tensor(checkpoint):
+    def damage(tensors):
+        tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"].astype(np.int32)
+
+    _rewrite_weights(checkpoint, damage)
+    with pytest.raises(UserError, match="transformer.wpe.weight holds int32 values"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_a_float8_safetensors_file_is_one_line(checkpoint):
+    """Safetensors dtypes numpy has no type for: the header is valid, the tensor unreadable as numpy."""
+    path = checkpoint / "model.safetensors"
+    header = json.dumps({"transformer.wte.weight": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
+    with pytest.raises(UserError, match="transformer.wte.weight cannot be read as a numpy array"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"transformer": {"wte": {"weight": np.zeros((2, 2), np.float32)}}}, "transformer/wte/weight is not a GPT-2"),
+    ([1, 2, 3], "holds a list, not a tree of named parameters"),
+    (7, "holds a int, not a tree"),
+])
+def test_a_flax_msgpack_that_is_not_a_gpt2_tree_is_one_line(checkpoint, tree, message):
+    from flax import serialization
+
+    os.remove(checkpoint / "model.safetensors")
+    (checkpoint / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    with pytest.raises(UserError, match=message):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+
+
+def test_a_config_with_a_huge_n_layer_is_refused_at_once(checkpoint):
+    """The expected names come from the config's arithmetic, not from tracing a model of that size."""
+    edit_config(checkpoint, n_layer=100_000)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="missing transformer.h.10.attn.c_attn.bias"):
+        GPT2LMHeadModel.from_pretrained(checkpoint)
+    assert time.monotonic() - start < 60  # it took about an hour when the whole model was traced first
+
+
+def test_cache_sizes_and_run_steps_are_checked(tmp_path):
+    model = GPT2LMHeadModel.from_pretrained(FIXTURE)
+    n_positions = model.config.n_positions
+    for batch, length, message in ((1, n_positions + 1, "max_length must be an integer in"), (-1, 8, "batch_size"),
+                                   (1, 0, "max_length"), (2.0, 8, "batch_size")):
+        with pytest.raises(UserError, match=message):
+            model.init_cache(batch, length)
+    run = os.path.join(os.path.dirname(__file__), "fixtures", "run_v1")
+    with pytest.raises(UserError, match=r"step must be 'latest', 'best' or a step number, got 10.5"):
+        GPT2LMHeadModel.from_pretrained(run, step=10.5)
+    assert GPT2LMHeadModel.from_pretrained(run, step="10").run_step == 10
+    with pytest.raises(UserError, match="no such run directory"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "missing", step="latest")
+
+
+def test_a_model_no_device_holds_is_refused_before_it_is_allocated():
+    with pytest.raises(UserError, match=r"needs at least [\d,.]+ GiB per device .* more than"):
+        GPT2LMHeadModel(GPT2Config(n_embd=10**9, n_head=1, n_layer=1))  # this killed the interpreter

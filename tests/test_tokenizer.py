@@ -14,6 +14,7 @@ import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
 from gpt2jax import ByteTokenizer, GPT2Tokenizer, UserError, load_tokenizer
+from gpt2jax.tokenizer import bytes_to_unicode
 
 TEXTS = [
     "Hello world",
@@ -251,3 +252,59 @@ def test_a_vocabulary_with_impossible_ids_is_refused(tmp_path, token, bad_id, me
     (directory / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(UserError, match=re.escape(message)):
         GPT2Tokenizer.from_pretrained(directory)
+
+
+def _tokenizer_json(directory, change):
+    """A small valid tokenizer.json (bytes only, one merge), changed by `change`."""
+    directory.mkdir(exist_ok=True)
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
+    spec = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(alphabet)} | {"ab": 256},
+                      "merges": ["a b"]},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+            "added_tokens": [{"content": "<|endoftext|>", "id": 257, "special": True}]}
+    spec = change(spec)
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    return directory
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda d: copy_gpt2_files(d) and (d / "vocab.json").write_text("{not json"), "JSONDecodeError"),
+    (lambda d: copy_gpt2_files(d) and (d / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe a\n"),
+     "UnicodeDecodeError"),
+    (lambda d: copy_gpt2_files(d) and (d / "merges.txt").write_text("#version: 0.2\n\u4e2d \u6587\n"),
+     "merges have a character"),
+    (lambda d: _tokenizer_json(d, lambda s: s | {"model": s["model"] | {"merges": [["a", "b", "c"]]}}),
+     r"merge \['a', 'b', 'c'\] is not a pair"),
+    (lambda d: _tokenizer_json(d, lambda s: s | {"model": {k: v for k, v in s["model"].items() if k != "vocab"}}),
+     "model.vocab must be an object"),
+    (lambda d: _tokenizer_json(d, lambda s: [s]), "not a tokenizer.json"),
+    (lambda d: _tokenizer_json(d, lambda s: s | {"added_tokens": [{"id": 257, "special": True}]}),
+     "added_tokens must be a list of objects with content and id"),
+])
+def test_a_broken_tokenizer_directory_is_one_error_for_every_reader(tmp_path, write, message):
+    """prepare, sample, eval and the Python API read tokenizer directories through one loader."""
+    write(tmp_path / "tok")
+    with pytest.raises(UserError, match=message):
+        GPT2Tokenizer.from_pretrained(tmp_path / "tok")
+    with pytest.raises(UserError, match=message):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_the_small_tokenizer_json_of_these_tests_is_valid(tmp_path):
+    tok = GPT2Tokenizer.from_pretrained(_tokenizer_json(tmp_path / "tok", lambda s: s))
+    assert tok.encode("ab") == [256] and tok.eos_token_id == 257
+
+
+def test_decode_refuses_ids_outside_the_vocabulary_and_calls_check_their_arguments(gpt2):
+    with pytest.raises(UserError, match=r"token id 50257 is not in this tokenizer's vocabulary \[0, 50257\)"):
+        gpt2.decode([15496, 50257])
+    with pytest.raises(UserError, match="token id -1"):
+        ByteTokenizer().decode([104, -1])
+    assert gpt2.decode([15496, 50300], unknown="replace") == "Hello\ufffd"  # sampling from a wider model
+    with pytest.raises(UserError, match="integer token ids"):
+        gpt2.decode([1.5])
+    for max_length in (0, -1, 2.5):
+        with pytest.raises(UserError, match="max_length must be a positive integer"):
+            gpt2(["Hello world"], truncation=True, max_length=max_length)
+    with pytest.raises(UserError, match="texts must be a string or a list of strings, got NoneType"):
+        gpt2(None)

@@ -29,8 +29,10 @@ def places(tmp_path, cache_dir, hf_dir):
     (tmp_path / "badrun" / "config.json").write_text("{not json")
     (tmp_path / "badrun" / "run.json").write_text("{}")
     (tmp_path / "raising.py").write_text("def get_config():\n    return 1 / 0\n")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     return {"file": str(tmp_path / "file"), "full": str(tmp_path / "full"), "badrun": str(tmp_path / "badrun"),
             "raising": str(tmp_path / "raising.py"), "new": str(tmp_path / "new"), "smoke": SMOKE,
+            "dangling": str(tmp_path / "dangling"),
             "cache": f"--config.data.cache_dir={cache_dir}", "hf": hf_dir}
 
 
@@ -61,6 +63,26 @@ CASES = {
     "train: an unknown attention": (TRAIN + ["{new}", "--config.model.attention=flash"],
                                     "attention='flash' is not one of 'auto', 'xla', 'cudnn', 'splash'"),
     "train: --num-processes 0": (TRAIN + ["{new}", "--num-processes", "0"], "--num-processes must be >= 1"),
+    "train: a seed beyond 32 bits": (TRAIN + ["{new}", "--config.train.seed=99999999999999999999"],
+                                     "train.seed=99999999999999999999 is out of range: seeds are 32-bit"),
+    "train: a negative seed": (TRAIN + ["{new}", "--config.train.seed=-1"], "must be in [0, 4294967295]"),
+    "train: steps beyond int32": (TRAIN + ["{new}", "--config.train.max_steps=3000000000"],
+                                  "train.max_steps=3000000000 is out of range"),
+    "train: positions beyond int32": (TRAIN + ["{new}", "--config.model.n_positions=1000000000000"],
+                                      "model.n_positions=1000000000000 is out of range"),
+    "train: a workdir that is not UTF-8": (TRAIN + ["{new}\udcff"], "is not UTF-8 text"),
+    "train: a workdir that is a dangling link": (TRAIN + ["{dangling}"], "which does not exist"),
+    "sample: a run that is not there": (["sample", "--run", "{new}", "--prompt", "x"], "no such run directory"),
+    "train: a batch no device holds": (TRAIN + ["{new}", "--config.train.global_batch_size=10000000"],
+                                       "training this model needs at least"),
+    "train: a width no device holds": (TRAIN + ["{new}", "--config.model.n_embd=1000000000", "--config.model.n_head=1"],
+                                       "GiB per device (24,000,000,349,000,000,000 parameters"),
+    "bench: a batch no device holds": (["bench", "--batch", "100000", "--what", "forward"],
+                                       "bench --batch 100000 needs at least"),
+    "sample: a prompt that is not UTF-8": (["sample", "--model", "{hf}", "--prompt", "\udcff\udcfe"],
+                                           "is not UTF-8 text"),
+    "sample: a seed beyond 32 bits": (["sample", "--model", "{hf}", "--prompt", "x", "--seed", "4294967296"],
+                                      "seed=4294967296 is out of range"),
     "sample: run with a broken config.json": (["sample", "--run", "{badrun}", "--prompt", "x"], "not valid JSON"),
     "sample: --max-new-tokens 0": (["sample", "--model", "{hf}", "--prompt", "x", "--max-new-tokens", "0"],
                                    "--max-new-tokens must be >= 1"),
@@ -89,7 +111,7 @@ CASES = {
 
 
 def snapshot(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.lstat(os.path.join(d, f)).st_size)
                   for d, dirs, files in os.walk(root) for f in files + dirs)
 
 

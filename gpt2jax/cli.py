@@ -121,8 +121,10 @@ def add_sweep(commands: Any) -> None:
 
 
 def add_bench(commands: Any) -> None:
+    from gpt2jax.config import MODEL_SIZES
+
     bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU")
-    bench.add_argument("--size", default="gpt2", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    bench.add_argument("--size", default="gpt2", choices=list(MODEL_SIZES))
     bench.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
                        help="compute dtypes (default: float32; decode alone: both)")
     bench.add_argument("--what", nargs="+", default=["forward", "decode", "train"],

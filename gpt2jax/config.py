@@ -82,7 +82,8 @@ def _dtype_name(dtype: Any) -> Any:
         return dtype
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -90,6 +91,9 @@ def _is_number(value: Any) -> bool:
 # never kept in `GPT2Config.extra` (see `from_hf_dict`).
 _HF_OWN_KEYS = {"architectures", "model_type", "dtype", "torch_dtype", "gpt2jax", "transformers_version",
                 *_UNSUPPORTED_HF_OPTIONS}
+# The fields that make a checkpoint's weights and math: a fine-tune takes them from the model it starts from.
+ARCHITECTURE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                "layer_norm_epsilon")
 # Hugging Face's runtime fields (PretrainedConfig's, with its defaults): how calls behave, not the model.
 RUNTIME_FIELDS = ("use_cache", "pad_token_id", "output_hidden_states", "output_attentions", "return_dict",
                   "is_encoder_decoder", "gradient_checkpointing")
@@ -187,10 +191,10 @@ class GPT2Config:
                 f"use one of {', '.join(ACTIVATIONS)}"
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            if not _is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
+            if not is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"GPT2Config.{name} must be a number in [0, 1), got {getattr(self, name)!r}")
         for name in ("layer_norm_epsilon", "initializer_range"):
-            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < float("inf"):
+            if not is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < float("inf"):
                 raise UserError(f"GPT2Config.{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id"):
             if not is_int(getattr(self, name)):

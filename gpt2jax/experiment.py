@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from gpt2jax import rundir
-from gpt2jax.config import DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config, check_int_range
+from gpt2jax.config import ARCHITECTURE, DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config, check_int_range
 from gpt2jax.errors import UserError
 
 
@@ -31,22 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key an experiment may set, with its default. Experiments start from this."""
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.size = ""  # "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" sets n_layer/n_head/n_embd; "" uses them
-    c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's vocabulary size
-    c.model.n_positions = 1024  # longest sequence the model accepts (tokens)
-    c.model.n_embd = 768  # model width
-    c.model.n_layer = 12  # transformer blocks
-    c.model.n_head = 12  # attention heads
-    c.model.n_inner = config_dict.placeholder(int)  # MLP width; None: 4 * n_embd
-    c.model.activation_function = "gelu_new"  # MLP nonlinearity
-    c.model.resid_pdrop = 0.0  # dropout after attention / MLP projections (probability)
-    c.model.embd_pdrop = 0.0  # dropout on embeddings (probability)
-    c.model.attn_pdrop = 0.0  # dropout on attention probabilities (probability)
-    c.model.layer_norm_epsilon = 1e-5
-    c.model.initializer_range = 0.02  # std of the normal init
-    c.model.attention = "auto"  # "auto" (the GPU's / TPU's fused kernel where it applies, else XLA), "xla", "cudnn",
-    # "splash": see gpt2jax/attention.py
+    # The model group is GPT2Config's fields (their meaning and units are commented there, gpt2jax/config.py),
+    # so a field added to GPT2Config is an experiment key at once; `size` picks a released shape.
+    c.model = model_group()
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "pystdlib"  # "pystdlib", a local file / directory / glob, or a Hugging Face hub dataset name
@@ -66,16 +53,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2000  # linear warmup from 0 (optimizer steps)
     c.optim.decay_steps = config_dict.placeholder(int)  # end of the cosine decay (steps); None: train.max_steps
     c.optim.weight_decay = 0.1  # decoupled (AdamW) decay, on 2-D weights only
-    c.optim.beta1 = 0.9
-    c.optim.beta2 = 0.95
-    c.optim.eps = 1e-8
+    c.optim.beta1 = 0.9  # Adam's decay of the gradient mean
+    c.optim.beta2 = 0.95  # Adam's decay of the squared-gradient mean
+    c.optim.eps = 1e-8  # Adam's denominator floor (> 0)
     c.optim.grad_clip = 1.0  # global-norm clip; 0 turns it off
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 512  # sequences per optimizer step, GLOBAL across devices, processes, accumulation
     c.train.grad_accum_steps = 1  # micro-batches per optimizer step (inside the step, scanned)
     c.train.max_steps = 600_000  # optimizer steps
-    c.train.log_every = 10  # steps between train-metric logs (the only host syncs)
+    c.train.log_every = 10  # steps between train-metric logs (host syncs: there, and at eval, sample and save)
     c.train.eval_every = 1000  # steps between validation evals
     c.train.eval_batches = 20  # fixed validation batches (of global_batch_size / grad_accum_steps sequences)
     c.train.checkpoint_every = 1000  # steps between checkpoints
@@ -89,6 +76,28 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init_from = "scratch"  # "scratch", a Hugging Face directory, or a run directory (fine-tuning)
     return c
+
+
+# GPT2Config fields that are not experiment keys: the compute dtype is train.compute_dtype, BOS / EOS come from
+# the tokenizer, and Hugging Face's runtime fields are call defaults, not part of what a run computes.
+NOT_EXPERIMENT_KEYS = {"dtype", "bos_token_id", "eos_token_id", "extra", *RUNTIME_FIELDS}
+# Where an experiment's default differs from GPT2Config's: the tokenizer's vocabulary, and no dropout (nanoGPT's
+# pretraining default; fine-tuning experiments set it).
+EXPERIMENT_MODEL_DEFAULTS = {"vocab_size": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def model_group() -> ml_collections.ConfigDict:
+    """The experiment's `model` group, derived from GPT2Config's fields (None defaults become typed
+    placeholders, so overrides are type-checked)."""
+    group = ml_collections.ConfigDict()
+    group.size = ""  # "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" sets n_layer/n_head/n_embd; "" uses them
+    for field in dataclasses.fields(GPT2Config):
+        if field.name in NOT_EXPERIMENT_KEYS:
+            continue
+        default = EXPERIMENT_MODEL_DEFAULTS.get(field.name, field.default)
+        kind = {"int": int, "str": str, "float": float}[str(field.type).split("|")[0].strip()]
+        group[field.name] = config_dict.placeholder(kind) if default is None else default
+    return group
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -116,21 +125,13 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     return config
 
 
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        keys += _dotted_keys(value, name + ".") if isinstance(value, ml_collections.ConfigDict) else [name]
-    return keys
-
-
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Set one `--config.a.b=value` (or `config.a.b=value`); the value must fit the key's type."""
     text = override.removeprefix("--").removeprefix("config.")
     key, sep, raw = text.partition("=")
     if not sep:
         raise UserError(f"override {override!r} is not of the form --config.KEY=VALUE")
-    known = _dotted_keys(config)
+    known = list(rundir.flatten(config.to_dict()))
     if key not in known:
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -228,7 +229,7 @@ def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, A
     """The config as it runs (a run's config.json): model sizes and vocab filled in, decay_steps explicit."""
     resolved = json.loads(config.to_json())
     # the train group says how it computes; HF's runtime fields are call defaults, not part of an experiment
-    left_out = {"dtype", "param_dtype", "matmul_precision", "extra", *RUNTIME_FIELDS}
+    left_out = {"dtype", "extra", *RUNTIME_FIELDS}
     resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in left_out})
     resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
     if isinstance(resolved["data"].get("cache_dir"), str) and resolved["data"]["cache_dir"].strip():
@@ -248,9 +249,7 @@ def experiment_model(config: ml_collections.ConfigDict, vocab_size: int, eos_tok
             source = GPT2Config.from_dict(rundir.read_resolved_config(resuming)["model"])
         else:
             source = init_from_config(config.init_from)
-        shape = {k: getattr(source, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
-                                                 "n_inner", "activation_function", "layer_norm_epsilon")}
-        model = model.replace(**shape)
+        model = model.replace(**{k: getattr(source, k) for k in ARCHITECTURE})
     if model.vocab_size < vocab_size:
         whose = f"init_from={config.init_from}'s" if config.init_from != "scratch" else "model."
         raise UserError(f"{whose}vocab_size={model.vocab_size} is smaller than the {vocab_size} tokens of "

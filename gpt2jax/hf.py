@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from gpt2jax import rundir
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
 
@@ -270,35 +271,39 @@ def save_pretrained(directory: str | os.PathLike, params: Any, config: GPT2Confi
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "model.safetensors")
+    tensors = to_hf_state_dict(params)
     try:
-        save_file(to_hf_state_dict(params), path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)
+        rundir.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     except SafetensorError as e:  # its I/O errors: disk full, file too large, ...
         raise UserError(f"{path}: could not be written ({str(e).split('I/O error: ')[-1]})") from None
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
     config.save(directory)
+
+
+def load_run(run: str, step: int | str | None, **config_overrides: Any) -> tuple[GPT2Config, Any, int, dict]:
+    """(config, params, step, resolved experiment config) of a run's checkpoint (`step`: "latest", "best" or a
+    number), read-only, its weights checked against the config they will run with. The one way a run's model
+    is loaded (from_pretrained, export, sample, eval)."""
+    from gpt2jax.checkpoint import Checkpoints
+
+    if not rundir.has_checkpoints(run):
+        raise UserError(f"{run}: not a gpt2jax run directory (no config.json beside checkpoints/)")
+    rundir.read_resolved_config(run)  # one clear error for a damaged config.json, before Orbax reads
+    restored = Checkpoints(run, read_only=True).restore_params(step)
+    resolved = restored.config
+    config = GPT2Config.from_dict(resolved["model"], **{"dtype": resolved["train"]["compute_dtype"],
+                                                        **config_overrides})
+    return config, checked_params(restored.state["params"], config), restored.step, resolved
 
 
 def export_run(run: str, step: str, out: str) -> int:
     """Write a run's checkpoint as an HF GPT-2 directory (weights, config, and the GPT-2 tokenizer files
     when the run used them); returns the step. All or nothing: the files are written into a temporary
     directory beside `out`, which becomes `out` when complete."""
-    from gpt2jax import rundir
-    from gpt2jax.checkpoint import Checkpoints
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out} exists and is not a directory; nothing was written")
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"{out} exists and is not empty; nothing was written")
-    if not rundir.has_checkpoints(run):
-        raise UserError(f"{run}: not a gpt2jax run directory (no config.json beside checkpoints/)")
-    rundir.read_resolved_config(run)
-    restored = Checkpoints(run, read_only=True).restore_params(step)
-    resolved = restored.config
-    config = GPT2Config.from_dict(resolved["model"], dtype=resolved["train"]["compute_dtype"])
-    params = checked_params(restored.state["params"], config)
+    config, params, found, resolved = load_run(run, step)
     staging = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
     _remove_abandoned_staging(staging.rsplit(".tmp-", 1)[0])
     try:
@@ -309,7 +314,7 @@ def export_run(run: str, step: str, out: str) -> int:
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
-    return restored.step
+    return found
 
 
 def _remove_abandoned_staging(out: str) -> None:

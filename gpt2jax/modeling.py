@@ -118,7 +118,8 @@ class PretrainedGPT2:
         """
         overrides = {} if dtype is None else {"dtype": dtype}
         if rundir.has_checkpoints(name_or_path):
-            config, params, run = cls._from_run(os.fspath(name_or_path), step, overrides)
+            config, params, found, resolved = hf.load_run(os.fspath(name_or_path), step, **overrides)
+            run = (found, resolved)
         else:
             if step is not None:
                 if not os.path.exists(name_or_path):
@@ -136,16 +137,6 @@ class PretrainedGPT2:
             return model
         model._params, model._do_init = None, False
         return model, params
-
-    @staticmethod
-    def _from_run(run_dir: str, step: int | str | None, overrides: dict) -> tuple[GPT2Config, Any, tuple]:
-        from gpt2jax.checkpoint import Checkpoints
-
-        rundir.read_resolved_config(run_dir)  # one clear error for a damaged config.json, before Orbax reads
-        restored = Checkpoints(run_dir, read_only=True).restore_params(step)
-        resolved = restored.config
-        config = GPT2Config.from_dict(resolved["model"], **{"dtype": resolved["train"]["compute_dtype"], **overrides})
-        return config, hf.checked_params(restored.state["params"], config), (restored.step, resolved)
 
     def save_pretrained(self, directory: str | os.PathLike, params: Any = None) -> None:
         """Write `config.json` and `model.safetensors` that `transformers` loads as is: the model's

@@ -12,16 +12,13 @@ import stat
 import sys
 from typing import Any, Callable, Sequence
 
+from gpt2jax.config import is_number
 from gpt2jax.errors import UserError
 from gpt2jax.rundir import EXPERIMENT_GROUPS, flatten
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def is_finite(v: Any) -> bool:
-    return _is_number(v) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 def _is_count(v: Any) -> bool:
@@ -32,7 +29,7 @@ def _is_count(v: Any) -> bool:
 FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "step": (_is_count, "a non-negative integer", True),
     "split": (lambda v: isinstance(v, str), "a string", True),
-    "loss": (lambda v: v is None or _is_number(v), "a number or null", True),
+    "loss": (lambda v: v is None or is_number(v), "a number or null", True),
     "time": (is_finite, "seconds since the epoch", False),
     "tokens_seen": (_is_count, "a non-negative integer", False),
     "tokens_per_s": (lambda v: v is None or is_finite(v), "a number or null", False),

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from gpt2jax.errors import Stopped, UserError
 
@@ -23,17 +23,28 @@ RUN_ENTRIES = ("config.json", "run.json", "metrics.jsonl", "samples.jsonl", "tb"
 EXPERIMENT_GROUPS = ("model", "data", "optim", "train")
 
 
-def write_json(path: str, value: Any) -> None:
-    """Write JSON atomically: a temporary file renamed over `path`, so readers never see half a file."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` writes the file at a temporary path beside `path`, which is then renamed over it: readers
+    never see half a file, and a failed write leaves `path` as it was (and no temporary behind). The one way
+    gpt2jax replaces a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write JSON atomically (`atomic_write`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+
+    atomic_write(path, write)
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -161,12 +172,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resumable(workdir: str, resolved: dict[str, Any], ignored_keys: set[str]) -> None:
+def check_resumable(workdir: str, resolved: dict[str, Any], ignored_keys: set[str],
+                    defaults: dict[str, Any] | None = None) -> None:
     """A new or empty directory, or one holding this same experiment (training then resumes); keys in
-    `ignored_keys` (logging intervals, cache paths) may differ."""
+    `ignored_keys` (logging intervals, cache paths) may differ. A key the stored config lacks (added to
+    gpt2jax after the run was made) whose value now is its default in `defaults` (dotted keys) is no change:
+    runs survive upgrades that add options."""
     if os.path.isfile(os.path.join(workdir, "config.json")):
-        before, now = flatten(read_resolved_config(workdir)), flatten(resolved)
-        changed = sorted(k for k in (before.keys() | now.keys()) - ignored_keys if before.get(k) != now.get(k))
+        before, now, defaults = flatten(read_resolved_config(workdir)), flatten(resolved), defaults or {}
+        added_at_default = {k for k in now.keys() - before.keys() if k in defaults and now[k] == defaults[k]}
+        changed = sorted(k for k in (before.keys() | now.keys()) - ignored_keys - added_at_default
+                         if before.get(k) != now.get(k))
         if changed:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
             raise UserError(f"{workdir} holds a run with a different config ({shown}); use another --workdir, "
@@ -262,10 +278,11 @@ def repair_metrics(run_dir: str, resumed_step: int) -> None:
         steps = [(_step_of(line), line) for line in lines[:-1]]  # lines[-1] is a partial line, or empty
         kept = [line for step, line in steps if step is not None and step <= resumed_step]
         if len(kept) != len(lines) - 1 or lines[-1]:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.writelines(line + b"\n" for line in kept)
-            os.replace(tmp, path)
+            def write(tmp: str, kept: list[bytes] = kept) -> None:
+                with open(tmp, "wb") as f:
+                    f.writelines(line + b"\n" for line in kept)
+
+            atomic_write(path, write)
 
 
 def _step_of(line: bytes) -> int | None:

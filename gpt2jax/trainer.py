@@ -31,7 +31,7 @@ from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.config import GPT2Config
 from gpt2jax.data import TokenBins, prepare
 from gpt2jax.errors import Stopped, UserError
-from gpt2jax.experiment import RESUME_SAFE_KEYS, experiment_model, resolve, validate_experiment
+from gpt2jax.experiment import RESUME_SAFE_KEYS, base_config, experiment_model, resolve, validate_experiment
 from gpt2jax.logs import Progress, RunLog, run_info
 from gpt2jax.model import GPT2LMHeadModule, init_params
 from gpt2jax.modeling import GPT2LMHeadModel
@@ -122,7 +122,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     runs = attention.check(model, platform, config.data.block_size, train=uses_dropout(model))
     resolved = resolve(config, model)
     if not overwrite and not fork_from:
-        rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS)
+        rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS, rundir.flatten(base_config().to_dict()))
         check_same_data(workdir, bins)
     source_gone = config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from))
     # a resumed fine-tune whose init_from is gone starts from its checkpoint, never from these placeholders
@@ -338,12 +338,17 @@ class Run:
         self.status.finish()
 
 
+LAST_VALUE_METRICS = ("lr", "param_norm")  # states at the step logged, not quantities of each step
+
+
 def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tokens_per_step: int,
               flops_per_token: float, peak: float, peak_source: str = "measured") -> dict[str, Any]:
-    """Train metrics of the steps since the last log (throughput only over steps timed without compiling)."""
-    mean = lambda key: float(np.mean([m[key][0] for m in host]))
-    out = {"loss": mean("loss"), "lr": float(host[-1]["lr"][0]), "grad_norm": mean("grad_norm"),
-           "param_norm": float(host[-1]["param_norm"][0]), "tokens_seen": done * tokens_per_step}
+    """Train metrics of the steps since the last log: every scalar the step returns, averaged over those steps
+    (states such as lr and param_norm: their value at the log step), and throughput, only over steps timed
+    without compiling. A metric added to `train.train_step` reaches metrics.jsonl and TensorBoard as is."""
+    out = {key: float(host[-1][key][0]) if key in LAST_VALUE_METRICS else float(np.mean([m[key][0] for m in host]))
+           for key in host[-1]}
+    out["tokens_seen"] = done * tokens_per_step
     if timed_steps:
         tokens_per_s = timed_steps * tokens_per_step / seconds
         out.update(tokens_per_s=tokens_per_s, step_time_ms=1e3 * seconds / timed_steps,

@@ -17,17 +17,11 @@ import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError
 from gpt2jax.checkpoint import Checkpoints
-from gpt2jax.experiment import load_config
 from gpt2jax.errors import Stopped
 from gpt2jax.trainer import StopSignals, run_training
+from helpers import SMOKE, smoke
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 STEP_LOGGING = ["--config.train.log_every=1", "--config.train.checkpoint_every=5", "--config.train.sample_every=0"]
-
-
-def smoke(cache_dir, *overrides):
-    return load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
 
 
 def losses(run_dir):

@@ -31,6 +31,7 @@ import pytest  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
+from helpers import SMOKE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,6 @@ def test_sample_missing_model_dir(tmp_path):
     assert result.returncode == 2 and "no such directory" in result.stderr and "Traceback" not in result.stderr
 
 
-SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "smoke.py")
 
 
 @pytest.mark.parametrize(

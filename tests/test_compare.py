@@ -15,9 +15,8 @@ from gpt2jax.compare import check_plot_path, compare_rows, format_rows, plot, tr
 from gpt2jax.records import read_run, read_runs
 from gpt2jax.experiment import load_config
 from gpt2jax.sweep import expand_grid, sweep
+from helpers import SMOKE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 SHORT = ["--config.train.max_steps=10", "--config.train.eval_every=5", "--config.train.sample_every=0"]
 
 

@@ -3,7 +3,7 @@
 import os
 import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_every_mutation_still_matches_its_code_exactly_once():

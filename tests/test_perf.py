@@ -1,5 +1,8 @@
 """FLOPs per token, parameter counts, datasheet peaks, MFU and tokens/s: checked against hand counts."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -46,3 +49,20 @@ def test_summarize_tokens_per_second_and_mfu():
     assert out["param_norm"] == 8.0  # the latest step's parameters
     assert out["tokens_per_s"] == 4000.0 and out["step_time_ms"] == 250.0
     assert out["mfu"] == pytest.approx(4000.0 * 6e6 / 1e12) and out["mfu_peak"] == "datasheet"
+
+
+def test_a_metric_added_to_the_step_is_averaged_and_logged(tmp_path):
+    """Whatever scalar train_step returns reaches the summary (averaged), metrics.jsonl and TensorBoard."""
+    from gpt2jax.logs import RunLog
+
+    host = [{"loss": np.array([2.0]), "lr": np.array([1e-3]), "param_norm": np.array([7.0]),
+             "grad_norm": np.array([1.0]), "attention_entropy": np.array([0.5])},
+            {"loss": np.array([4.0]), "lr": np.array([5e-4]), "param_norm": np.array([8.0]),
+             "grad_norm": np.array([3.0]), "attention_entropy": np.array([1.5])}]
+    out = summarize(host, done=2, timed_steps=0, seconds=0.0, tokens_per_step=10, flops_per_token=1.0, peak=1.0)
+    assert out["attention_entropy"] == 1.0
+    log = RunLog(str(tmp_path), enabled=True)
+    log.metrics(2, "train", out)
+    log.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["attention_entropy"] == 1.0 and os.listdir(tmp_path / "tb")

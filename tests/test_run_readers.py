@@ -2,7 +2,6 @@
 checkpoints read-only, even while it trains; damaged checkpoint metadata is reported in one line and skipped."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,24 +16,13 @@ from gpt2jax.errors import UserError
 from gpt2jax.experiment import load_config
 from gpt2jax.hf import export_run
 from gpt2jax.trainer import run_training
+from helpers import OLD_RUN, SMOKE, files, train_losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
-OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run_v1")  # a finished-at-10 smoke run with one checkpoint
 
 
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "gpt2jax.cli", *args], capture_output=True, text=True,
                           timeout=600, **kwargs)
-
-
-def files(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                  for d, dirs, names in os.walk(root) for f in names + dirs)
-
-
-def train_losses(run):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["split"] == "train"]
 
 
 @pytest.fixture
@@ -61,15 +49,15 @@ def test_every_reader_leaves_the_run_as_it_was(run_with_a_save_in_progress, tmp_
     assert result.returncode == 0, result.stderr
     overrides = [f"--config.data.cache_dir={cache_dir}", "--config.train.max_steps=12"]
     run_training(load_config(SMOKE, overrides), str(tmp_path / "fork"), progress=False, fork_from=run)
-    run_training(load_config(SMOKE, overrides + [f"--config.init_from={run}"]), str(tmp_path / "tune"),
-                 progress=False)
+    run_training(load_config(SMOKE, overrides + [f"--config.init_from={run}", "--config.train.max_steps=2"]),
+                 str(tmp_path / "tune"), progress=False)
     assert files(run) == before  # the unfinished save too: nothing written, deleted or locked
 
 
 def test_a_run_read_in_a_loop_while_it_trains_ends_as_an_undisturbed_run(tmp_path, cache_dir):
     """A trainer saving every step, and this process restoring, loading and exporting from it meanwhile."""
     args = ["train", "--config", SMOKE, f"--config.data.cache_dir={cache_dir}", "--no-progress",
-            "--config.train.checkpoint_every=1", "--config.train.max_steps=30", "--config.train.eval_every=30",
+            "--config.train.checkpoint_every=1", "--config.train.max_steps=16", "--config.train.eval_every=16",
             "--config.train.sample_every=0"]
     undisturbed = cli(*args, "--workdir", str(tmp_path / "alone"))
     assert undisturbed.returncode == 0, undisturbed.stderr

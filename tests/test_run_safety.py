@@ -9,17 +9,10 @@ import shutil
 import pytest
 
 from gpt2jax.errors import UserError
-from gpt2jax.experiment import load_config
 from gpt2jax.trainer import run_training
+from helpers import OLD_RUN, SMOKE, files
+from helpers import smoke as smoke_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
-OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run_v1")
-
-
-def files(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                  for d, dirs, names in os.walk(root) for f in names + dirs)
 
 
 @pytest.fixture
@@ -30,7 +23,7 @@ def run(tmp_path):
 
 @pytest.fixture
 def smoke(cache_dir):
-    return lambda *overrides: load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
+    return lambda *overrides: smoke_config(cache_dir, *overrides)
 
 
 @pytest.mark.parametrize("inside", ["checkpoints/forked", "tb/x/y", "checkpoints"])
@@ -56,7 +49,7 @@ def test_overwrite_unlinks_a_linked_entry_and_leaves_its_target(run, smoke, tmp_
     (target / "the_users_file").write_text("keep me")
     os.symlink(target, run / entry)
     before = files(target)
-    run_training(smoke(), str(run), progress=False, overwrite=True)
+    run_training(smoke("--config.train.max_steps=2"), str(run), progress=False, overwrite=True)
     assert files(target) == before  # nothing followed through the link
     assert not os.path.islink(run / entry) and json.load(open(run / "run.json"))["status"] == "finished"
 
@@ -139,3 +132,33 @@ def test_a_fine_tune_resumes_after_its_init_from_directory_is_gone(tmp_path, smo
     assert f"resuming {run} from step 5" in capsys.readouterr().out
     assert "10" in os.listdir(run / "checkpoints") and json.load(open(run / "run.json"))["status"] == "finished"
     assert [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"] == [5, 10]
+
+
+def test_a_key_added_after_a_run_was_made_does_not_orphan_it(run, smoke):
+    """The old run's config.json has no model.param_dtype nor model.matmul_precision (they became experiment
+    keys later): at their defaults the run resumes, at another value it is a different experiment."""
+    from gpt2jax import rundir
+    from gpt2jax.experiment import base_config
+
+    stored = json.loads((run / "config.json").read_text())
+    assert "param_dtype" not in stored["model"]
+    resolved = stored | {"model": stored["model"] | {"param_dtype": "float32", "matmul_precision": None}}
+    defaults = rundir.flatten(base_config().to_dict())
+    rundir.check_resumable(str(run), resolved, set(), defaults)
+    with pytest.raises(UserError, match=r"model.param_dtype: None -> 'bfloat16'"):
+        rundir.check_resumable(str(run), resolved | {"model": resolved["model"] | {"param_dtype": "bfloat16"}},
+                               set(), defaults)
+    with pytest.raises(UserError, match="model.param_dtype"):  # without the defaults, as before this rule
+        rundir.check_resumable(str(run), resolved, set())
+
+
+
+def test_every_gpt2config_field_of_a_model_is_an_experiment_key():
+    import dataclasses
+
+    from gpt2jax.config import GPT2Config
+    from gpt2jax.experiment import NOT_EXPERIMENT_KEYS, base_config
+
+    model = base_config().model
+    assert {f.name for f in dataclasses.fields(GPT2Config)} - NOT_EXPERIMENT_KEYS == set(model) - {"size"}
+    assert model.param_dtype == "float32" and model.matmul_precision is None  # settable from experiments now

@@ -15,14 +15,9 @@ from gpt2jax.experiment import load_config, validate_experiment
 from gpt2jax.model import GPT2LMHeadModule, init_params
 from gpt2jax.train import decay_mask, init_state, learning_rate_schedule, make_optimizer, train_step
 from gpt2jax.trainer import run_training
+from helpers import ROOT, SMOKE, smoke
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
-
-
-def smoke(cache_dir, *overrides):
-    return load_config(SMOKE, [f"--config.data.cache_dir={cache_dir}", *overrides])
 
 
 def read_metrics(run_dir, split="train"):

@@ -11,9 +11,9 @@ import pytest
 from gpt2jax import GPT2LMHeadModel
 from gpt2jax.experiment import load_config
 from gpt2jax.trainer import run_training
+from helpers import OLD_RUN, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "run_v1")
+FIXTURE = OLD_RUN
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ import sys
 import pytest
 
 from gpt2jax import GPT2Config, GPT2LMHeadModel
+from helpers import SMOKE, files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +109,17 @@ CASES = {
 }
 
 
-def snapshot(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.lstat(os.path.join(d, f)).st_size)
-                  for d, dirs, files in os.walk(root) for f in files + dirs)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, places, tmp_path):
     args, message = CASES[case]
     args = [a.format(**places) for a in args]
-    before = snapshot(tmp_path)
+    before = files(tmp_path)
     result = subprocess.run([sys.executable, "-m", "gpt2jax.cli", *args], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2, (case, result.stderr[-3000:])
     assert message in result.stderr, (case, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert snapshot(tmp_path) == before
+    assert files(tmp_path) == before
 
 
 def test_debug_variable_shows_the_traceback(places):

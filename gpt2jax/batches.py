@@ -4,8 +4,8 @@ The batch for step s is a pure function of (seed, s, process index, process coun
 windows of block_size + 1 tokens (nanoGPT style), each process reading only its slice,
 shaped (local devices, per-device batch, T) for pmap.
 
-Legend: N global batch (sequences), L local devices, B per-device batch, T block size,
-W = T + 1 tokens per window (inputs and the targets shifted by one).
+Legend (the package's, gpt2jax/__init__.py): G global batch (sequences), C local devices, B per-device batch,
+T block size, W = T + 1 tokens per window (inputs and the targets shifted by one).
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ class Placement:
         return slice(self.process_index * local_batch, (self.process_index + 1) * local_batch)
 
 
+def check_one_window(num_tokens: int, block_size: int, what: str, hint: str = "") -> None:
+    """The one check that `what` holds at least one window of block_size + 1 tokens (inputs and the targets
+    shifted by one): for the bins a run trains and validates on, and for the text eval reads."""
+    if num_tokens < block_size + 1:
+        raise UserError(f"{what} has {num_tokens} tokens, fewer than one window of block_size + 1 = "
+                        f"{block_size + 1}{'; ' + hint if hint else ''}")
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
+    """(N, W) int32: the windows of W = block_size + 1 tokens starting at the N `starts`."""
+    return tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
+
+
 class BatchSampler:
     """Training batches as a pure function of (seed, step, placement).
 
@@ -49,8 +62,7 @@ class BatchSampler:
     def __init__(self, tokens: np.ndarray, block_size: int, global_batch_size: int, seed: int,
                  placement: Placement = Placement()):
         self.rows = placement.rows(global_batch_size)
-        if len(tokens) < block_size + 1:
-            raise UserError(f"{len(tokens)} tokens are fewer than one window of block_size + 1 = {block_size + 1}")
+        check_one_window(len(tokens), block_size, "the train split")
         self.tokens, self.block_size, self.seed = tokens, block_size, seed
         self.global_batch_size, self.local_device_count = global_batch_size, placement.local_device_count
 
@@ -68,8 +80,7 @@ def validation_batches(tokens: np.ndarray, block_size: int, global_batch_size: i
                        placement: Placement = Placement()) -> list[dict[str, np.ndarray]]:
     """The fixed validation set: num_batches global batches of windows spread evenly over the split."""
     rows = placement.rows(global_batch_size)
-    if len(tokens) < block_size + 1:
-        raise UserError(f"the val split has {len(tokens)} tokens, fewer than one window of {block_size + 1}")
+    check_one_window(len(tokens), block_size, "the val split")
     starts = np.linspace(0, len(tokens) - block_size - 1, num_batches * global_batch_size).astype(np.int64)
     return [
         windows_to_batch(tokens, batch_starts[rows], block_size, placement.local_device_count)
@@ -78,10 +89,9 @@ def validation_batches(tokens: np.ndarray, block_size: int, global_batch_size: i
 
 
 def windows_to_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, local_device_count: int) -> dict:
-    """{"inputs", "targets"}: (L, B, T) int32 from the windows starting at `starts`, split over L devices."""
-    windows_NxW = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
-    windows_LxBxW = windows_NxW.reshape(local_device_count, -1, block_size + 1)
-    return {"inputs": windows_LxBxW[..., :-1], "targets": windows_LxBxW[..., 1:]}
+    """{"inputs", "targets"}: (C, B, T) int32 from the windows starting at `starts`, split over C devices."""
+    windows_CxBxW = windows(tokens, starts, block_size).reshape(local_device_count, -1, block_size + 1)
+    return {"inputs": windows_CxBxW[..., :-1], "targets": windows_CxBxW[..., 1:]}
 
 
 class Prefetcher:

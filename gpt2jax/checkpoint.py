@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from gpt2jax.errors import UserError
+from gpt2jax.errors import UserError, describe
 
 FORMAT = 2  # of the parameter tree; see the module docstring
 _V1_BLOCK = re.compile(r"h_(\d+)$")
@@ -74,7 +74,17 @@ class Checkpoints:
                 enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        for attempt in range(5):
+            try:
+                self.manager = ocp.CheckpointManager(self.directory, options=options)
+                break
+            except FileNotFoundError:  # a reader listed a step that the training run's retention removed
+                if not read_only:
+                    raise
+                if attempt == 4:
+                    raise UserError(f"{self.directory}: its steps changed while they were listed (a trainer is "
+                                    "saving and rotating them); try again") from None
+                time.sleep(0.1)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -136,7 +146,7 @@ class Checkpoints:
             except Exception as e:  # missing or truncated files: report, fall back to the step before
                 self.unreadable.append(step)
                 print(f"gpt2jax: checkpoint step {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); trying an older step",
+                      f"({describe(e)}); trying an older step",
                       file=sys.stderr)
                 continue
             return step, restored
@@ -174,7 +184,7 @@ class Checkpoints:
             return item
         except Exception as e:  # truncated or edited JSON, a missing file: the step's weights may still be fine
             print(f"gpt2jax: checkpoint step {step} in {self.directory} has an unreadable {name} item "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {consequence}",
+                  f"({describe(e)}); {consequence}",
                   file=sys.stderr)
             return {}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -311,16 +310,9 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> GPT2Config:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(data, **overrides)
+        from gpt2jax.rundir import read_json_object
+
+        return cls.from_hf_dict(read_json_object(os.fspath(path), "a Hugging Face config.json"), **overrides)
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write `config.json` into `directory`; return its path."""

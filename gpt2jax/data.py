@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
+from gpt2jax.batches import check_one_window
 from gpt2jax.errors import UserError
 from gpt2jax.rundir import write_json
 from gpt2jax.sources import SAMPLE_BY, describe, load_documents, source_fingerprint
@@ -299,13 +300,11 @@ def _remove(path: str) -> None:
 def check_windows(bins: TokenBins, block_size: int) -> None:
     """Each split that is used must hold at least one window of block_size + 1 tokens."""
     for split in ("train", "val"):
-        tokens = bins.num_tokens(split)
         if split == "val" and bins.meta["val_fraction"] == 0:
             continue
-        if tokens < block_size + 1:
-            hint = "raise data.val_fraction or " if split == "val" else ""
-            raise UserError(f"the {split} split has {tokens} tokens, fewer than one window of block_size + 1 = "
-                            f"{block_size + 1}; {hint}lower data.block_size or use a larger corpus")
+        hint = "raise data.val_fraction or " if split == "val" else ""
+        check_one_window(bins.num_tokens(split), block_size, f"the {split} split",
+                         f"{hint}lower data.block_size or use a larger corpus")
 
 
 def _batches(dataset: Any, progress: bool) -> Iterator[dict]:

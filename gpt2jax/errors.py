@@ -33,6 +33,13 @@ def check_ids(name: str, ids: Any, upper: int, what: str, also: tuple[int, ...] 
                         f"{outside.flat[0]}: ids must lie in [0, {upper}){allowed})")
 
 
+def describe(error: BaseException) -> str:
+    """"Type: first line of the message" (at most 200 characters of it): how gpt2jax quotes an exception from a
+    library inside its own one-line messages."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 class Stopped(Exception):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint at `step`."""
 

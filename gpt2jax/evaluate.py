@@ -1,6 +1,6 @@
 """Loss, perplexity and bits per byte of a model on a run's validation split or a text file.
 
-Legend: N windows, B windows per batch, T block size, W = T + 1 tokens per window.
+Legend (the package's, gpt2jax/__init__.py): B windows per batch, T block size, W = T + 1 tokens per window.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import perf
+from gpt2jax.batches import check_one_window
+from gpt2jax.batches import windows as batch_windows
 from gpt2jax.errors import UserError
 from gpt2jax.model import next_token_loss
 from gpt2jax.modeling import GPT2LMHeadModel
@@ -30,9 +32,8 @@ def evaluate_tokens(
     """
     if block_size > model.config.n_positions:
         raise UserError(f"block size {block_size} exceeds the model's n_positions={model.config.n_positions}")
+    check_one_window(len(tokens), block_size, "the text")
     windows = (len(tokens) - 1) // block_size
-    if windows < 1:
-        raise UserError(f"{len(tokens)} tokens are fewer than one window of {block_size + 1}")
     if max_batches is not None:
         windows = min(windows, max_batches * batch_size)
     perf.check_fits(model.config, min(batch_size, windows), block_size, train=False,
@@ -44,7 +45,7 @@ def evaluate_tokens(
     loss_fn = jax.jit(lambda params, x, y: next_token_loss(model.module.apply({"params": params}, x)[0], y))
     total = 0.0
     for i in range(0, windows, batch_size):
-        batch_BxW = used[starts[i : i + batch_size, None] + np.arange(block_size + 1)]
+        batch_BxW = batch_windows(used, starts[i : i + batch_size], block_size)
         loss = loss_fn(model.params, jnp.asarray(batch_BxW[:, :-1]), jnp.asarray(batch_BxW[:, 1:]))
         total += float(loss) * len(batch_BxW)
     loss = total / windows

@@ -21,7 +21,7 @@ from flax import serialization, traverse_util
 
 from gpt2jax import rundir
 from gpt2jax.config import GPT2Config
-from gpt2jax.errors import UserError
+from gpt2jax.errors import UserError, describe
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -229,8 +229,7 @@ def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
         if "weights_only" in str(e) or isinstance(e, getattr(torch.serialization, "pickle").UnpicklingError):
             raise UserError(f"{path}: holds Python objects besides tensors, and gpt2jax never unpickles those; "
                             "convert it to model.safetensors where you trust its source") from None
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {first})") from None
+        raise UserError(f"{path}: cannot be read as a PyTorch state dict ({describe(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     return {name: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for name, t in state.items()}

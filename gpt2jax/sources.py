@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import ml_collections
 
-from gpt2jax.errors import UserError
+from gpt2jax.errors import UserError, describe
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SAMPLE_BY = ("paragraph", "document", "line")
@@ -177,11 +177,6 @@ def _causes(error: BaseException) -> list[BaseException]:
         if following is None or any(following is seen for seen in chain):
             return chain
         chain.append(following)
-
-
-def describe(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _check_text_column(ds: Any, column: str, dataset: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN
 
-from gpt2jax.errors import UserError
+from gpt2jax.errors import UserError, describe
 
 ENDOFTEXT = "<|endoftext|>"
 # SHA-256 of OpenAI's gpt-2/encodings/main/{encoder.json,vocab.bpe}, as tiktoken pins them.
@@ -178,8 +178,7 @@ class GPT2Tokenizer(Tokenizer):
         except UserError:
             raise
         except Exception as e:  # JSON that is not, text that is not UTF-8, a structure that is not a tokenizer's
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise UserError(f"{path}: not a usable tokenizer directory ({type(e).__name__}: {reason})") from None
+            raise UserError(f"{path}: not a usable tokenizer directory ({describe(e)})") from None
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids; `<|endoftext|>` in the text becomes the EOS token, as in Hugging Face."""

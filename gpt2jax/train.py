@@ -6,7 +6,8 @@ accumulation scans over micro-batches inside the step, so the global batch does 
 device memory. Multi-host runs start with `jax.distributed.initialize`; each process reads its
 own slice of every batch and process 0 alone writes logs.
 
-Legend (per device, inside pmap): B batch, T time, A accumulation steps, M = B / A micro-batch.
+Legend (the package's, gpt2jax/__init__.py; per device, inside pmap): B batch, T time, A accumulation steps,
+U = B / A micro-batch.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def train_step(
     """One optimizer step on this device's (B, T) slice, in `grad_accum_steps` micro-batches."""
     inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
     B, T = inputs_BxT.shape
-    to_AxMxT = lambda x: x.reshape(grad_accum_steps, B // grad_accum_steps, T)
+    to_AxUxT = lambda x: x.reshape(grad_accum_steps, B // grad_accum_steps, T)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index("batch"))
 
     def loss_fn(params, inputs, targets, micro_key):
@@ -98,7 +99,7 @@ def train_step(
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss_sum, grad_sum), _ = lax.scan(
             accumulate, (jnp.zeros((), jnp.float32), zeros),
-            (to_AxMxT(inputs_BxT), to_AxMxT(targets_BxT), jnp.arange(grad_accum_steps)),
+            (to_AxUxT(inputs_BxT), to_AxUxT(targets_BxT), jnp.arange(grad_accum_steps)),
         )
         loss, grads = loss_sum / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
     if lax.axis_size("batch") > 1:  # on one device the all-reduce would only copy every gradient (~0.2 s at 124M)

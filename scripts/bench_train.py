@@ -12,12 +12,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 from bench_pair import versions
 
+from gpt2jax import perf
 from gpt2jax.config import GPT2Config
 from gpt2jax.experiment import base_config
 from gpt2jax.model import GPT2LMHeadModule
@@ -32,18 +32,11 @@ CASES = {
 
 
 def matmul_peak() -> float:
+    """The fp32 peak of this machine: the best of jax's (gpt2jax.perf.matmul_peak) and torch's 2048^3 matmul."""
     n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
     t = torch.ones(n, n)
-    best = 0.0
-    for run in (lambda: f(a).block_until_ready(), lambda: t @ t):
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
+    torch_seconds = perf.median_seconds(lambda: t @ t, 3)
+    return max(perf.matmul_peak("float32", n=n), 2 * n**3 / torch_seconds)
 
 
 def bench_case(name: str, steps: int, peak: float) -> None:
@@ -92,8 +85,8 @@ def bench_case(name: str, steps: int, peak: float) -> None:
     flops_per_token = config.flops_per_token(T)
     ours_tps, ref_tps = batch * T / statistics.median(ours_s), batch * T / statistics.median(ref_s)
     print(f"  {name} ({ours.num_parameters() / 1e6:.1f}M, batch {batch}x{T}): gpt2jax {ours_tps:8.0f} tok/s "
-          f"(MFU {ours_tps * flops_per_token / peak:.0%})  torch {ref_tps:8.0f} tok/s "
-          f"(MFU {ref_tps * flops_per_token / peak:.0%})  ratio {ours_tps / ref_tps:.2f}x")
+          f"(MFU {perf.mfu(ours_tps, flops_per_token, peak):.0%})  torch {ref_tps:8.0f} tok/s "
+          f"(MFU {perf.mfu(ref_tps, flops_per_token, peak):.0%})  ratio {ours_tps / ref_tps:.2f}x")
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def test_every_reader_leaves_the_run_as_it_was(run_with_a_save_in_progress, tmp_
 def test_a_run_read_in_a_loop_while_it_trains_ends_as_an_undisturbed_run(tmp_path, cache_dir):
     """A trainer saving every step, and this process restoring, loading and exporting from it meanwhile."""
     args = ["train", "--config", SMOKE, f"--config.data.cache_dir={cache_dir}", "--no-progress",
-            "--config.train.checkpoint_every=1", "--config.train.max_steps=16", "--config.train.eval_every=16",
+            "--config.train.checkpoint_every=1", "--config.train.max_steps=10", "--config.train.eval_every=10",
             "--config.train.sample_every=0"]
     undisturbed = cli(*args, "--workdir", str(tmp_path / "alone"))
     assert undisturbed.returncode == 0, undisturbed.stderr
@@ -95,3 +95,24 @@ def test_best_step_skips_a_step_whose_metadata_is_damaged(tmp_path, cache_dir):
     assert Checkpoints(str(run), read_only=True).best_step() == 20
     result = cli("export", "--run", str(run), "--step", "best", "--out", str(tmp_path / "out"))
     assert result.returncode == 0 and "step 20" in result.stdout, result.stderr
+
+
+def test_a_step_removed_while_a_reader_lists_them_is_listed_again(monkeypatch):
+    """The race the loop above found: Orbax lists the steps, the trainer's retention removes one, Orbax stats
+    it. A reader lists again (and after repeated failures says so in one line); the trainer is never touched."""
+    from gpt2jax import checkpoint
+
+    real, calls = checkpoint.ocp.CheckpointManager, []
+
+    def flaky(*args, failures, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise FileNotFoundError(2, "No such file or directory", "checkpoints/6")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda *a, **k: flaky(*a, failures=2, **k))
+    assert Checkpoints(OLD_RUN, read_only=True).latest_step() == 10 and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda *a, **k: flaky(*a, failures=99, **k))
+    with pytest.raises(UserError, match="its steps changed while they were listed"):
+        Checkpoints(OLD_RUN, read_only=True)

@@ -266,6 +266,20 @@ class Checkpoints:
             self.manager.close()
 
 
+def check_steps_are_directories(run_dir: str) -> None:
+    """A run's checkpoint steps must be directories it owns: Orbax's retention cannot delete a step that is a
+    link (and must not delete what it points at). Checked before training writes anything."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.isdigit() and (os.path.islink(path) or not os.path.isdir(path)):
+            what = f"a link to {os.readlink(path)}" if os.path.islink(path) else "not a directory"
+            raise UserError(f"{path} is {what}; checkpoint steps must be directories this run wrote (move it out "
+                            "of checkpoints/, or use --fork / --overwrite)")
+
+
 def convert_trees(tree: Any, to_format: int) -> Any:
     """`tree` with every parameter tree in it (a dict holding "transformer": the params, and Adam's moments,
     which mirror them) converted to `to_format` (1 or 2, see the module docstring). Leaves may be arrays or

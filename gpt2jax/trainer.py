@@ -27,7 +27,7 @@ import numpy as np
 
 from gpt2jax import attention, hf, perf, rundir
 from gpt2jax.batches import BatchSampler, Placement, Prefetcher, validation_batches
-from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.checkpoint import Checkpoints, check_steps_are_directories
 from gpt2jax.config import GPT2Config
 from gpt2jax.data import TokenBins, prepare
 from gpt2jax.errors import Stopped, UserError
@@ -111,6 +111,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     if fork_from is not None:
         rundir.check_fork_target(workdir, fork_from)
     removed = rundir.check_overwrite(workdir) if overwrite else []
+    if not overwrite:
+        check_steps_are_directories(workdir)
     tokenizer = load_tokenizer(config.data.tokenizer)
     t = config.train
     perf.check_fits(experiment_model(config, len(tokenizer), tokenizer.eos_token_id, resuming),  # before tokenizing

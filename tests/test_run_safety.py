@@ -162,3 +162,17 @@ def test_every_gpt2config_field_of_a_model_is_an_experiment_key():
     model = base_config().model
     assert {f.name for f in dataclasses.fields(GPT2Config)} - NOT_EXPERIMENT_KEYS == set(model) - {"size"}
     assert model.param_dtype == "float32" and model.matmul_precision is None  # settable from experiments now
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_checkpoint_step_that_is_not_a_directory_is_refused_before_training(run, smoke, tmp_path, kind):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(run / "checkpoints" / "10"), str(elsewhere))
+    if kind == "link":
+        os.symlink(elsewhere, run / "checkpoints" / "10")
+    else:
+        (run / "checkpoints" / "5").write_text("x")
+    before = files(run), files(elsewhere)
+    with pytest.raises(UserError, match="checkpoint steps must be directories this run wrote"):
+        run_training(smoke(), str(run), progress=False)
+    assert (files(run), files(elsewhere)) == before

@@ -117,7 +117,7 @@ class Checkpoints:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
 
         def restore(step: int) -> Any:
-            old = self._format(step) == 1
+            old = _format(self._state_metadata(step)) == 1
             state = ocp.args.StandardRestore(convert_trees(target, to_format=1) if old else target)
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
             return (convert_trees(restored.state, to_format=2) if old else restored.state), restored.data
@@ -132,11 +132,6 @@ class Checkpoints:
         # The item's own metadata (a Checkpointer would also look for step metadata there, and warn)
         return dict(ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state"))
 
-    def _format(self, step: int) -> int:
-        """The parameter tree's format of a step, read from the names it was saved with."""
-        names = {getattr(key, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(
-            self._state_metadata(step))[0] for key in path}
-        return 1 if any(isinstance(name, str) and _V1_BLOCK.match(name) for name in names) else FORMAT
 
     def _newest_restorable(self, restore: Callable[[int], Any], steps: list[int] | None = None):
         """(step, restored) of the newest of `steps` (default: all) that restores; None if there are none."""
@@ -221,7 +216,7 @@ class Checkpoints:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
-        return convert_trees(restored.state, to_format=2) if self._format(step) == 1 else restored.state, \
+        return convert_trees(restored.state, to_format=2) if _format(metadata) == 1 else restored.state, \
             restored.config
 
     def set_aside_unreadable(self) -> list[str]:
@@ -278,6 +273,13 @@ def check_steps_are_directories(run_dir: str) -> None:
             what = f"a link to {os.readlink(path)}" if os.path.islink(path) else "not a directory"
             raise UserError(f"{path} is {what}; checkpoint steps must be directories this run wrote (move it out "
                             "of checkpoints/, or use --fork / --overwrite)")
+
+
+def _format(state_metadata: dict) -> int:
+    """The parameter tree's format of a step, from the names in its state's metadata."""
+    names = {getattr(key, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(state_metadata)[0]
+             for key in path}
+    return 1 if any(isinstance(name, str) and _V1_BLOCK.match(name) for name in names) else FORMAT
 
 
 def convert_trees(tree: Any, to_format: int) -> Any:

@@ -2,7 +2,7 @@
 
 The package's shape legend (array names end in their shape, e.g. `logits_BxTxV`): B batch, T query time,
 S key time, D width (n_embd), H heads, K head dim, F MLP width, V vocab. Modules add letters of their own,
-each with one meaning in the whole package: A accumulation steps, U micro-batch (train); G global batch,
+each with one meaning in the whole package: A accumulation steps, U micro-batch, R row groups (train); G global batch,
 C local devices, W = T + 1 tokens per window (batches, evaluate); M attention-mask columns (forward);
 P prompt slots, N new tokens, L = P + N slots (generation, sampling).
 """

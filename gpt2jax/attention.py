@@ -222,10 +222,33 @@ def _attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
 def _bound(name: str, *, key_mask_BxS: jax.Array | None, cache_index: Any) -> Any:
     """The implementation `name` as a function of (q, k, v), bound to this call's mask and cache slot."""
     if name == "cudnn":
-        return functools.partial(cudnn, key_mask_BxS=key_mask_BxS)
+        if key_mask_BxS is None:
+            return per_device_under_mesh(cudnn)
+        masked = per_device_under_mesh(lambda q, k, v, mask: cudnn(q, k, v, key_mask_BxS=mask))
+        return lambda q, k, v: masked(q, k, v, key_mask_BxS)
     if name == "splash":
-        return splash
+        return per_device_under_mesh(splash, check_vma=False)  # Pallas' outputs carry no varying-axes types
     return functools.partial(xla, key_mask_BxS=key_mask_BxS, cache_index=cache_index)
+
+
+def per_device_under_mesh(kernel: Callable[..., jax.Array], check_vma: bool = True) -> Callable[..., jax.Array]:
+    """`kernel` as each device's own call when traced under a context mesh (`jax.set_mesh`, as the "fsdp"
+    train and eval steps are, gpt2jax.parallel): a fused kernel is a custom call that XLA's partitioner cannot
+    split by itself, so it runs inside `shard_map` over every mesh axis. The steps map one row group per
+    device (`jax.vmap(..., spmd_axis_name=mesh axes)`), so each device gets its own rows whole, exactly as
+    under pmap; traced under a mesh without such a map, every device computes the whole (gathered) batch.
+    Without a mesh: `kernel` itself."""
+
+    @functools.wraps(kernel)
+    def call(*arrays: jax.Array) -> jax.Array:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return kernel(*arrays)
+        whole = jax.sharding.PartitionSpec()
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(whole,) * len(arrays), out_specs=whole,
+                             check_vma=check_vma)(*arrays)
+
+    return call
 
 
 def full_mask_BxTxS(key_mask_BxS: jax.Array | None, B: int, T: int, S: int, cache_index: Any) -> jax.Array:

@@ -1,4 +1,5 @@
-"""`gpt2jax bench`: forward, decode and train-step throughput of this machine, with MFU.
+"""`gpt2jax bench`: forward, decode and train-step throughput of this machine, with MFU, and the memory a
+train step needs per device under each placement of the state (`--what memory`, nothing allocated).
 
 No peer here (the package never imports torch); scripts/bench_*.py measure against transformers
 in the same run. MFU is against the datasheet peak of known accelerators (`gpt2jax.perf`), else
@@ -16,21 +17,29 @@ import numpy as np
 from gpt2jax import attention, perf
 from gpt2jax.config import GPT2Config
 from gpt2jax.experiment import base_config
-from gpt2jax.model import GPT2LMHeadModule
+from gpt2jax.model import GPT2LMHeadModule, init_params
 from gpt2jax.modeling import GPT2LMHeadModel
-from gpt2jax.train import init_state, make_optimizer, pmapped_steps, replicate, shard_batch
+from gpt2jax.parallel import gigabytes, make_layout
+from gpt2jax.train import init_state, make_optimizer
 
 
 def run_bench(size: str, dtypes: list[str], attentions: list[str], what: list[str], batches: list[int], seq: int,
-              new_tokens: int, repeats: int) -> None:
-    """Print forward and train-step throughput (each dtype, attention implementation and batch) and decode
-    throughput with the first call's time (compile included) for each dtype and batch."""
+              new_tokens: int, repeats: int, parallelisms: tuple[str, ...] = ("pmap",),
+              gradient_checkpointing: bool = False) -> None:
+    """Print forward and train-step throughput (each dtype, attention implementation, batch and placement of
+    the train state), decode throughput with the first call's time (compile included) for each dtype and
+    batch, and the memory of a train step per device (each placement)."""
     kind = jax.devices()[0].device_kind
     print(f"{size}; jax {jax.__version__}, {jax.local_device_count()} x {kind}")
     for dtype, implementation in itertools.product(dtypes, attentions):
         config = GPT2Config.from_size(size, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      attention=implementation)
+                                      attention=implementation, gradient_checkpointing=gradient_checkpointing)
         runs = attention.check(config, attention.current_platform(), seq, train=False)
+        if "memory" in what:
+            for batch, parallelism in itertools.product(batches, parallelisms):
+                bench_memory(config, batch, seq, parallelism)
+        if what == ["memory"]:
+            continue
         for batch in batches:
             perf.check_fits(config, batch, seq, train="train" in what, what=f"bench --batch {batch}")
         model = GPT2LMHeadModel(config, seed=0)
@@ -47,7 +56,8 @@ def run_bench(size: str, dtypes: list[str], attentions: list[str], what: list[st
             if "decode" in what:
                 bench_decode(model, ids[:, :32], new_tokens, repeats)
             if "train" in what:
-                bench_train(model, ids, repeats, peak)
+                for parallelism in parallelisms:
+                    bench_train(model, ids, repeats, peak, parallelism)
 
 
 def bench_forward(model: GPT2LMHeadModel, ids: np.ndarray, repeats: int, peak: float) -> None:
@@ -70,20 +80,48 @@ def bench_decode(model: GPT2LMHeadModel, prompt: np.ndarray, new_tokens: int, re
           f"{batch * new_tokens / seconds:,.1f} tok/s (first call {first:.1f} s)")
 
 
-def bench_train(model: GPT2LMHeadModel, ids: np.ndarray, repeats: int, peak: float) -> None:
-    """The trainer's pmapped step (AdamW, clipping) on random tokens, one copy of the batch per device."""
-    devices, (batch, seq_plus_one) = jax.local_device_count(), ids.shape
+def bench_train(model: GPT2LMHeadModel, ids: np.ndarray, repeats: int, peak: float, parallelism: str = "pmap") -> None:
+    """The trainer's step (AdamW, clipping) on random tokens, one copy of the batch per device, with the
+    state laid out as `parallelism` says."""
+    devices, (batch, seq_plus_one) = jax.device_count(), ids.shape
     optimizer, schedule = make_optimizer(base_config().optim, 1000)
-    p_train, _ = pmapped_steps(GPT2LMHeadModule(model.config), optimizer, schedule, 1, dropout=False)
-    holder = {"state": replicate(init_state(model.params, optimizer, seed=0))}
+    make_state = lambda: init_state(model.params, optimizer, seed=0)
+    layout = make_layout(parallelism, None, GPT2LMHeadModule(model.config), optimizer, schedule, 1, False,
+                         jax.eval_shape(make_state))
+    holder = {"state": layout.initial_state(make_state)}
     windows = np.tile(ids, (devices, 1)).reshape(devices, batch, seq_plus_one)
-    device_batch = shard_batch({"inputs": windows[..., :-1], "targets": windows[..., 1:]})
+    device_batch = layout.batch({"inputs": windows[..., :-1], "targets": windows[..., 1:]})
 
     def step():
-        holder["state"], metrics = p_train(holder["state"], device_batch)
+        holder["state"], metrics = layout.train(holder["state"], device_batch)
         return holder["state"], metrics
 
     tokens_per_s = devices * batch * (seq_plus_one - 1) / perf.median_seconds(step, repeats)
     flops = model.config.flops_per_token(seq_plus_one - 1)
-    print(f"  train step {devices}x{batch}x{seq_plus_one - 1}: {tokens_per_s:,.0f} tok/s "
-          f"(MFU {perf.mfu(tokens_per_s, flops, peak * devices):.0%})")
+    print(f"  train step {devices}x{batch}x{seq_plus_one - 1} ({parallelism}): {tokens_per_s:,.0f} tok/s "
+          f"(MFU {perf.mfu(tokens_per_s, flops, peak * perf.chips()):.0%})")
+
+
+def memory_per_device(config: GPT2Config, batch: int, seq: int, parallelism: str,
+                      compile: bool = True) -> dict[str, int | str]:
+    """What one device holds for a train step of `batch` sequences per device under `parallelism`, from
+    abstract shapes (nothing allocated): the parameters, Adam's moments and the gradients by their layout,
+    and with `compile` the compiled step's peak by XLA's memory analysis (arguments + outputs - donated
+    + temporaries)."""
+    optimizer, schedule = make_optimizer(base_config().optim, 1000)
+    abstract = jax.eval_shape(lambda: init_state(init_params(config, 0), optimizer, 0))
+    layout = make_layout(parallelism, None, GPT2LMHeadModule(config), optimizer, schedule, 1, False, abstract)
+    out: dict[str, int | str] = {"layout": layout.describe(abstract, config.num_parameters()),
+                                 **layout.state_memory(abstract)}
+    if compile:
+        analysis = layout.lower(abstract, batch * jax.device_count(), seq).compile().memory_analysis()
+        out["peak"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+    return out
+
+
+def bench_memory(config: GPT2Config, batch: int, seq: int, parallelism: str) -> None:
+    memory = memory_per_device(config, batch, seq, parallelism)
+    print(f"  memory {jax.device_count()}x{batch}x{seq} ({parallelism}): {memory['layout']}: params "
+          f"{gigabytes(memory['params'])}, Adam {gigabytes(memory['optimizer'])}, gradients "
+          f"{gigabytes(memory['gradients'])}; compiled step peak {gigabytes(memory['peak'])} (XLA's memory analysis)")

@@ -123,12 +123,17 @@ def add_sweep(commands: Any) -> None:
 def add_bench(commands: Any) -> None:
     from gpt2jax.config import MODEL_SIZES
 
-    bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU")
+    bench = commands.add_parser("bench", help="forward, decode and train-step throughput here, with MFU; memory")
     bench.add_argument("--size", default="gpt2", choices=list(MODEL_SIZES))
     bench.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
                        help="compute dtypes (default: float32; decode alone: both)")
     bench.add_argument("--what", nargs="+", default=["forward", "decode", "train"],
-                       choices=["forward", "decode", "train"])
+                       choices=["forward", "decode", "train", "memory"],
+                       help="memory: a train step's bytes per device (state by its layout; the compiled peak)")
+    bench.add_argument("--parallelism", nargs="+", default=["pmap"], choices=["pmap", "fsdp"],
+                       help="train and memory: how the train state is laid out (train.parallelism)")
+    bench.add_argument("--gradient-checkpointing", action="store_true",
+                       help="train and memory: recompute each block in the backward pass")
     bench.add_argument("--batch", type=positive_int, nargs="+",
                        help="sequences per device (default: 1; decode alone: 1 8 64)")
     bench.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
@@ -245,7 +250,8 @@ def run_bench(args: argparse.Namespace) -> None:
     decode_only = args.what == ["decode"]
     dtypes = args.dtype or (["bfloat16", "float32"] if decode_only else ["float32"])
     batches = args.batch or ([1, 8, 64] if decode_only else [1])
-    bench(args.size, dtypes, args.attention, args.what, batches, args.seq, args.new_tokens, args.repeats)
+    bench(args.size, dtypes, args.attention, args.what, batches, args.seq, args.new_tokens, args.repeats,
+          tuple(args.parallelism), args.gradient_checkpointing)
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sample_tokens = 64  # new tokens per sample
     c.train.seed = 0  # params init, data order and dropout
     c.train.compute_dtype = "float32"  # "float32" or "bfloat16" (params and optimizer state stay float32)
+    c.train.parallelism = "pmap"  # "pmap": state replicated on every device; "fsdp": sharded (gpt2jax/parallel.py)
+    c.train.fsdp_size = config_dict.placeholder(int)  # fsdp: devices sharing one copy of the state; None: all
     c.train.keep_checkpoints = 3  # latest checkpoints kept
     c.train.keep_best = 1  # best-by-val-loss checkpoints kept besides those
 
@@ -80,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 # GPT2Config fields that are not experiment keys: the compute dtype is train.compute_dtype, BOS / EOS come from
 # the tokenizer, and Hugging Face's runtime fields are call defaults, not part of what a run computes.
-NOT_EXPERIMENT_KEYS = {"dtype", "bos_token_id", "eos_token_id", "extra", *RUNTIME_FIELDS}
+# gradient_checkpointing is one of those runtime fields that an experiment sets (memory, not what is computed).
+NOT_EXPERIMENT_KEYS = {"dtype", "bos_token_id", "eos_token_id", "extra", *RUNTIME_FIELDS} - {"gradient_checkpointing"}
 # Where an experiment's default differs from GPT2Config's: the tokenizer's vocabulary, and no dropout (nanoGPT's
 # pretraining default; fine-tuning experiments set it).
 EXPERIMENT_MODEL_DEFAULTS = {"vocab_size": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -95,7 +98,7 @@ def model_group() -> ml_collections.ConfigDict:
         if field.name in NOT_EXPERIMENT_KEYS:
             continue
         default = EXPERIMENT_MODEL_DEFAULTS.get(field.name, field.default)
-        kind = {"int": int, "str": str, "float": float}[str(field.type).split("|")[0].strip()]
+        kind = {"int": int, "str": str, "float": float, "bool": bool}[str(field.type).split("|")[0].strip()]
         group[field.name] = config_dict.placeholder(kind) if default is None else default
     return group
 
@@ -170,6 +173,8 @@ RESUME_SAFE_KEYS = {
     "data.cache_dir", "data.num_proc", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.sample_every", "train.sample_prompt", "train.sample_tokens", "train.keep_checkpoints", "train.keep_best",
     "model.attention",  # how attention runs (a run moves between GPU, TPU and CPU), not what it computes
+    "model.gradient_checkpointing",  # recomputes activations instead of keeping them: the same step
+    "train.parallelism", "train.fsdp_size",  # how the state is laid out over devices: the same step
 }
 
 
@@ -214,6 +219,14 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int, re
         raise UserError(f"optim.decay_steps={o.decay_steps} is shorter than optim.warmup_steps={o.warmup_steps}")
     if d.block_size > m.n_positions:
         raise UserError(f"data.block_size={d.block_size} exceeds model.n_positions={m.n_positions}")
+    if t.parallelism not in ("pmap", "fsdp"):
+        raise UserError(f"train.parallelism={t.parallelism!r} is not one of 'pmap', 'fsdp'")
+    if t.fsdp_size is not None:
+        if t.parallelism != "fsdp":
+            raise UserError(f"train.fsdp_size={t.fsdp_size} applies to train.parallelism='fsdp' (this run: "
+                            f"{t.parallelism!r})")
+        if t.fsdp_size < 1 or device_count % t.fsdp_size:
+            raise UserError(f"train.fsdp_size={t.fsdp_size} does not divide the {device_count} devices")
     if t.global_batch_size % (device_count * t.grad_accum_steps):
         raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by {device_count} devices x "
                         f"train.grad_accum_steps={t.grad_accum_steps}")
@@ -229,7 +242,7 @@ def resolve(config: ml_collections.ConfigDict, model: GPT2Config) -> dict[str, A
     """The config as it runs (a run's config.json): model sizes and vocab filled in, decay_steps explicit."""
     resolved = json.loads(config.to_json())
     # the train group says how it computes; HF's runtime fields are call defaults, not part of an experiment
-    left_out = {"dtype", "extra", *RUNTIME_FIELDS}
+    left_out = {"dtype", "extra", *RUNTIME_FIELDS} - {"gradient_checkpointing"}
     resolved["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in left_out})
     resolved["optim"]["decay_steps"] = config.optim.decay_steps or config.train.max_steps
     if isinstance(resolved["data"].get("cache_dir"), str) and resolved["data"]["cache_dir"].strip():

@@ -100,9 +100,21 @@ class Linear(nn.Module):
         std = cfg.initializer_range / (math.sqrt(2 * cfg.n_layer) if self.residual else 1.0)
         kernel = self.param("kernel", nn.initializers.normal(std), (self.features, x.shape[-1]), cfg.storage_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.storage_dtype)
+        kernel, bias = whole_under_mesh((kernel, bias))
         contract = ((x.ndim - 1,), (1,))
         y = lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
         return y + bias.astype(cfg.compute_dtype)
+
+
+def whole_under_mesh(params: Any) -> Any:
+    """Parameters gathered whole where they are used, when traced under a context mesh (the "fsdp" steps,
+    gpt2jax.parallel, hold them sharded): each device then computes its own rows with whole weights, one
+    module's weights at a time, and the gradients flow back as partial sums that are reduce-scattered to the
+    parameters' shards (FSDP / ZeRO-3). Gathered in the storage dtype, so the gradients are summed across
+    devices in float32, as pmap's are. Without a mesh: the parameters themselves."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return params
+    return jax.tree.map(lambda p: lax.with_sharding_constraint(p, jax.sharding.PartitionSpec()), params)
 
 
 def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
@@ -240,19 +252,26 @@ class GPT2Module(GPT2Part):
         if position_ids_BxT is None:
             position_ids_BxT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
         with self.config.matmul_precision_context():
-            x_BxTxD = self.wte(input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
-            x_BxTxD = x_BxTxD.astype(self.config.compute_dtype) + self.wpe(position_ids_BxT)
+            x_BxTxD = self.embed(self.wte, input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
+            x_BxTxD = x_BxTxD.astype(self.config.compute_dtype) + self.embed(self.wpe, position_ids_BxT)
             if token_type_ids_BxT is not None:
-                x_BxTxD = x_BxTxD + self.wte(token_type_ids_BxT)
+                x_BxTxD = x_BxTxD + self.embed(self.wte, token_type_ids_BxT)
             x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
             x_BxTxD, cache = self.h(x_BxTxD, attention_mask_BxS, position_ids_BxT, train, cache)
             h_BxTxD = self.ln_f(x_BxTxD)
             self.sow("hidden_states", "states", h_BxTxD)
             return h_BxTxD, cache
 
+    def embed(self, table: nn.Embed, ids_BxT: jax.Array) -> jax.Array:
+        """Rows of an embedding table in the compute dtype (what `nn.Embed` computes, the table whole under
+        a mesh: `whole_under_mesh`)."""
+        if not jnp.issubdtype(ids_BxT.dtype, jnp.integer):
+            raise ValueError("input type must be an integer or unsigned integer")  # nn.Embed's check
+        return jnp.take(whole_under_mesh(table.embedding).astype(self.config.compute_dtype), ids_BxT, axis=0)
+
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """The tied LM head: h @ wte.T, accumulated and returned in float32."""
-        wte_VxD = self.wte.embedding.astype(self.config.compute_dtype)
+        wte_VxD = whole_under_mesh(self.wte.embedding).astype(self.config.compute_dtype)
         accumulated = lambda h, w: jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
         with self.config.matmul_precision_context():
             return upcast_float16_on_cpu(accumulated, h_BxTxD, wte_VxD)

@@ -118,29 +118,39 @@ def device_memory() -> tuple[int, str]:
     return share, f"{share / 2**30:.1f} GiB of this machine's RAM per CPU device"
 
 
-def estimate_memory(config, batch_per_device: int, seq_len: int, train: bool) -> int:
+def estimate_memory(config, batch_per_device: int, seq_len: int, train: bool, state_shards: int = 1) -> int:
     """Bytes a step needs on one device, from the config alone (a lower estimate: XLA's temporaries come on
-    top): the parameters, with training their gradients and Adam's two float32 moments, and the activations,
-    after Korthikanti et al. (2022): per layer and token (34 D + 5 H T) half-precision bytes kept for the
-    backward pass, doubled for float32, plus the float32 logits and their gradient; without training one
+    top): the parameters, with training their gradients and Adam's two float32 moments (split over
+    `state_shards` devices under fsdp, plus one layer's weights gathered whole), and the activations, after
+    Korthikanti et al. (2022): per layer and token (34 D + 5 H T) half-precision bytes kept for the backward
+    pass, doubled for float32 (with gradient checkpointing only each block's input is kept, and one block's
+    activations are recomputed at a time), plus the float32 logits and their gradient; without training one
     layer's activations at a time."""
     params = config.num_parameters()
     size = jnp.dtype(config.compute_dtype).itemsize
-    weights = params * jnp.dtype(config.storage_dtype).itemsize + (params * (4 + 8) if train else 0)
+    storage = jnp.dtype(config.storage_dtype).itemsize
+    weights = params * storage + (params * (4 + 8) if train else 0)
+    if state_shards > 1:
+        weights = -(-weights // state_shards) + 12 * config.n_embd**2 * storage  # a block's weights, gathered
     tokens = batch_per_device * seq_len
     per_layer = tokens * (34 * config.n_embd + 5 * config.n_head * seq_len) * size // 2
     logits = tokens * config.vocab_size * 4 * (2 if train else 1)
-    return weights + (config.n_layer if train else 1) * per_layer + logits
+    if not train:
+        return weights + per_layer + logits
+    if config.gradient_checkpointing:
+        return weights + config.n_layer * tokens * config.n_embd * size + per_layer + logits
+    return weights + config.n_layer * per_layer + logits
 
 
-def check_fits(config, batch_per_device: int, seq_len: int, train: bool, what: str) -> None:
+def check_fits(config, batch_per_device: int, seq_len: int, train: bool, what: str, state_shards: int = 1) -> None:
     """A `UserError` in one line, before anything is allocated or written, when `what` cannot fit one
     device by `estimate_memory`."""
     from gpt2jax.errors import UserError
 
-    needed = estimate_memory(config, batch_per_device, seq_len, train)
+    needed = estimate_memory(config, batch_per_device, seq_len, train, state_shards)
     available, described = device_memory()
     if needed > available:
         raise UserError(f"{what} needs at least {needed / 2**30:,.1f} GiB per device ({config.num_parameters():,} "
                         f"parameters, {batch_per_device} x {seq_len} tokens per device), more than {described}; "
-                        "make the model or the batch smaller (or use more devices / gradient accumulation)")
+                        "make the model or the batch smaller (or use more devices, gradient accumulation, "
+                        "train.parallelism='fsdp' or model.gradient_checkpointing=True)")

@@ -4,10 +4,11 @@ Data parallel with `jax.pmap(axis_name="batch")`: params replicated on every loc
 each device takes its slice of the batch, gradients are averaged with `lax.pmean`. Gradient
 accumulation scans over micro-batches inside the step, so the global batch does not depend on
 device memory. Multi-host runs start with `jax.distributed.initialize`; each process reads its
-own slice of every batch and process 0 alone writes logs.
+own slice of every batch and process 0 alone writes logs. The same steps, jitted over a mesh with
+the state split over the devices, are the "fsdp" placement (gpt2jax/parallel.py).
 
 Legend (the package's, gpt2jax/__init__.py; per device, inside pmap): B batch, T time, A accumulation steps,
-U = B / A micro-batch.
+U micro-batch; R row groups (one per device; 1 inside pmap), so U = B / (R A).
 """
 
 from __future__ import annotations
@@ -76,34 +77,60 @@ def train_step(
     schedule: optax.Schedule,
     grad_accum_steps: int,
     dropout: bool,
+    axis_name: str | None = "batch",
+    row_groups: int = 1,
+    group_axes: tuple[str, ...] | None = None,
+    constrain: Callable[[Any], Any] = lambda tree: tree,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on this device's (B, T) slice, in `grad_accum_steps` micro-batches."""
+    """One optimizer step on the (B, T) rows of `batch`, in `grad_accum_steps` micro-batches.
+
+    Under pmap (`axis_name="batch"`) the rows are one device's slice: its dropout keys are folded with the
+    device's index and the gradients averaged over devices. Jitted over a mesh (`axis_name=None`, the "fsdp"
+    placement, gpt2jax.parallel) the rows are the global batch, taken as `row_groups` equal slices, one per
+    device (mapped over the mesh's `group_axes`), each keyed and cut into micro-batches as the pmap device
+    holding it would, so both placements compute the same step; `constrain` pins the gradients to the
+    parameters' sharding there.
+    """
     inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
     B, T = inputs_BxT.shape
-    to_AxUxT = lambda x: x.reshape(grad_accum_steps, B // grad_accum_steps, T)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index("batch"))
+    R, A = row_groups, grad_accum_steps
+    first_group = lax.axis_index(axis_name) if axis_name else 0
+    step_key = jax.random.fold_in(state.rng, state.step)
+    keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, first_group + r))(jnp.arange(R))
+    # micro-batch a holds the a-th U = B / (R A) rows of every group, as each device's own scan would
+    to_AxRxUxT = lambda x: x.reshape(R, A, B // (R * A), T).swapaxes(0, 1)
 
-    def loss_fn(params, inputs, targets, micro_key):
-        logits, _ = module.apply({"params": params}, inputs, train=dropout, rngs={"dropout": micro_key})
-        return next_token_loss(logits, targets)
+    def loss_fn(params, inputs_RxUxT, targets_RxUxT, micro_keys_R):
+        def group_loss(inputs_UxT, targets_UxT, key):
+            logits, _ = module.apply({"params": params}, inputs_UxT, train=dropout, rngs={"dropout": key})
+            return next_token_loss(logits, targets_UxT)
+
+        if R == 1:
+            return group_loss(inputs_RxUxT[0], targets_RxUxT[0], micro_keys_R[0])
+        # one group per device, as under pmap (fused attention kernels run per device inside: gpt2jax.attention)
+        return jnp.mean(jax.vmap(group_loss, spmd_axis_name=group_axes)(inputs_RxUxT, targets_RxUxT, micro_keys_R))
+
+    def micro_step(inputs_RxUxT, targets_RxUxT, index):
+        micro_keys_R = jax.vmap(jax.random.fold_in, (0, None))(keys_R, index)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_RxUxT, targets_RxUxT, micro_keys_R)
+        return loss, constrain(grads)
 
     def accumulate(carry, xs):
         loss_sum, grad_sum = carry
-        inputs, targets, index = xs
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs, targets, jax.random.fold_in(key, index))
+        loss, grads = micro_step(*xs)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-    if grad_accum_steps == 1:  # no scan: it would cost extra passes over a gradient-sized carry
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_BxT, targets_BxT, jax.random.fold_in(key, 0))
+    inputs_AxRxUxT, targets_AxRxUxT = to_AxRxUxT(inputs_BxT), to_AxRxUxT(targets_BxT)
+    if A == 1:  # no scan: it would cost extra passes over a gradient-sized carry
+        loss, grads = micro_step(inputs_AxRxUxT[0], targets_AxRxUxT[0], 0)
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
         (loss_sum, grad_sum), _ = lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros),
-            (to_AxUxT(inputs_BxT), to_AxUxT(targets_BxT), jnp.arange(grad_accum_steps)),
-        )
-        loss, grads = loss_sum / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
-    if lax.axis_size("batch") > 1:  # on one device the all-reduce would only copy every gradient (~0.2 s at 124M)
-        loss, grads = lax.pmean((loss, grads), "batch")
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs_AxRxUxT, targets_AxRxUxT, jnp.arange(A)))
+        loss, grads = loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)
+    # on one device the all-reduce would only copy every gradient (~0.2 s at 124M)
+    if axis_name is not None and lax.axis_size(axis_name) > 1:
+        loss, grads = lax.pmean((loss, grads), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -112,9 +139,20 @@ def train_step(
                        "lr": schedule(state.step)}
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, module: GPT2LMHeadModule) -> jax.Array:
-    logits, _ = module.apply({"params": params}, batch["inputs"])
-    return lax.pmean(next_token_loss(logits, batch["targets"]), "batch")
+def eval_step(params: Any, batch: dict[str, jax.Array], *, module: GPT2LMHeadModule,
+              axis_name: str | None = "batch", row_groups: int = 1,
+              group_axes: tuple[str, ...] | None = None) -> jax.Array:
+    """The mean loss of the batch: pmap's per-device rows averaged over devices, or a mesh's global batch
+    taken as `row_groups` slices, one per device (as `train_step` takes it)."""
+    def group_loss(inputs_BxT, targets_BxT):
+        logits, _ = module.apply({"params": params}, inputs_BxT)
+        return next_token_loss(logits, targets_BxT)
+
+    if axis_name is not None:
+        return lax.pmean(group_loss(batch["inputs"], batch["targets"]), axis_name)
+    to_RxBxT = lambda x: x.reshape(row_groups, -1, x.shape[-1])
+    return jnp.mean(jax.vmap(group_loss, spmd_axis_name=group_axes)(to_RxBxT(batch["inputs"]),
+                                                                   to_RxBxT(batch["targets"])))
 
 
 def pmapped_steps(

@@ -36,8 +36,8 @@ from gpt2jax.logs import Progress, RunLog, run_info
 from gpt2jax.model import GPT2LMHeadModule, init_params
 from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
-from gpt2jax.train import (TrainState, global_replicated_sharding, init_state, make_optimizer, pmapped_steps,
-                           replicate, shard_batch, to_global, unreplicate_to_host)
+from gpt2jax.parallel import Layout, make_layout
+from gpt2jax.train import TrainState, init_state, make_optimizer
 
 
 def host_sync() -> Any:
@@ -91,11 +91,11 @@ class Plan:
     model: GPT2Config
     bins: TokenBins
     tokenizer: Tokenizer
-    initial_params: Any
+    initial_params: Any  # None: a scratch init (`init_params(model, train.seed)`), computed where the state goes
     attention: tuple[str, str]  # (implementation, why) of the train step's attention
     overwrite: list[str]  # run entries --overwrite removes
     fork_from: str | None
-    placeholder: bool = False  # initial_params are not the run's start (its init_from is gone): restore must succeed
+    placeholder: bool = False  # the run's start is not initial_params (its init_from is gone): restore must succeed
 
 
 def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, fork_from: str | None,
@@ -117,7 +117,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     t = config.train
     perf.check_fits(experiment_model(config, len(tokenizer), tokenizer.eos_token_id, resuming),  # before tokenizing
                     t.global_batch_size // (jax.device_count() * t.grad_accum_steps), config.data.block_size,
-                    train=True, what="training this model")
+                    train=True, what="training this model", state_shards=state_shards(t))
     # data.prepare's bars redraw with carriage returns: on a terminal only
     bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"], resuming)
@@ -127,8 +127,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
         rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS, rundir.flatten(base_config().to_dict()))
         check_same_data(workdir, bins)
     source_gone = config.init_from != "scratch" and not os.path.isdir(os.path.expanduser(config.init_from))
-    # a resumed fine-tune whose init_from is gone starts from its checkpoint, never from these placeholders
-    initial = init_params(model, config.train.seed) if source_gone else initial_params(config, model)
+    # a resumed fine-tune whose init_from is gone starts from its checkpoint, never from a scratch init
+    initial = None if source_gone else initial_params(config, model)
     return Plan(config, resolved, model, bins, tokenizer, initial, runs, removed, fork_from, placeholder=source_gone)
 
 
@@ -155,11 +155,19 @@ def uses_dropout(model: GPT2Config) -> bool:
     return max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0
 
 
+def state_shards(train: ml_collections.ConfigDict) -> int:
+    """Devices that share one copy of the train state: fsdp_size (default all) under fsdp, 1 under pmap."""
+    if train.parallelism != "fsdp":
+        return 1
+    return jax.device_count() if train.fsdp_size is None else train.fsdp_size
+
+
 def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
-    """Scratch init, or the params of an HF directory or a run's latest checkpoint, checked name by name."""
+    """None for a scratch init (computed later, where the state goes: sharded under fsdp), or the params of an
+    HF directory or a run's latest checkpoint, checked name by name."""
     source = os.path.expanduser(config.init_from)
     if config.init_from == "scratch":
-        return init_params(model, config.train.seed)
+        return None
     if rundir.has_checkpoints(source):
         params = Checkpoints(source, read_only=True).restore_params("latest").state["params"]
         return hf.checked_params(params, model)
@@ -189,10 +197,10 @@ def run_training(
             run = Run(plan, workdir, stack, progress)
             start, p_state = run.restore()
         batches = stack.enter_context(contextlib.closing(
-            Prefetcher(lambda step: shard_batch(run.sampler(step)), start_step=start)))
+            Prefetcher(lambda step: run.layout.batch(run.sampler(step)), start_step=start)))
         for step in range(start, t.max_steps):
             _, batch = next(batches)
-            p_state, metrics = run.p_train(p_state, batch)
+            p_state, metrics = run.layout.train(p_state, batch)
             done = step + 1
             run.record(metrics, compiled=step == start)
             signum = stop.poll(done, log_step=done % t.log_every == 0)
@@ -238,12 +246,15 @@ class Run:
         module = GPT2LMHeadModule(plan.model)
         self.optimizer, schedule = make_optimizer(c.optim, t.max_steps)
         m = plan.model
-        self.p_train, self.p_eval = pmapped_steps(module, self.optimizer, schedule, t.grad_accum_steps,
-                                                  dropout=uses_dropout(m))
+        self.abstract_state = jax.eval_shape(self.initial_state, plan.initial_params)
+        self.layout: Layout = make_layout(t.parallelism, t.fsdp_size, module, self.optimizer, schedule,
+                                          t.grad_accum_steps, uses_dropout(m), self.abstract_state)
+        if self.main:
+            print(self.layout.describe(self.abstract_state, m.num_parameters()), flush=True)
         block = c.data.block_size
         where = Placement(jax.process_index(), jax.process_count(), jax.local_device_count())
         self.sampler = BatchSampler(plan.bins.tokens("train"), block, t.global_batch_size, t.seed, where)
-        self.val = [] if c.data.val_fraction == 0 else [shard_batch(b) for b in validation_batches(
+        self.val = [] if c.data.val_fraction == 0 else [self.layout.batch(b) for b in validation_batches(
             plan.bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps, t.eval_batches, where)]
         self.tokens_per_step, self.flops_per_token = t.global_batch_size * block, m.flops_per_token(block)
         self.peak = perf.device_peak()
@@ -251,20 +262,26 @@ class Run:
         self.last: dict[str, Any] = {}
         self.restart_clock()
 
+    def initial_state(self, params: Any) -> TrainState:
+        """The state of step 0: `params`, or the scratch init when None."""
+        params = init_params(self.plan.model, self.t.seed) if params is None else params
+        return init_state(params, self.optimizer, self.t.seed)
+
     def restore(self) -> tuple[int, TrainState]:
-        """(first step, pmap-replicated state): the latest good checkpoint of this run (or of the run it
-        forks), else step 0 with the planned initial parameters."""
-        state = init_state(self.plan.initial_params, self.optimizer, self.t.seed)
-        replicated = global_replicated_sharding()
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        """(first step, state placed for the step): the latest good checkpoint of this run (or of the run it
+        forks), restored straight into the layout's shardings, else step 0 with the planned initial
+        parameters."""
+        target = self.layout.restore_target(self.abstract_state)
         source = Checkpoints(self.plan.fork_from, read_only=True) if self.plan.fork_from else self.checkpoints
         found = source.restore_latest_good(target)
         if found is None and self.plan.placeholder:
             raise UserError(f"{self.workdir} has no readable checkpoint and its init_from="
                             f"{self.plan.config.init_from!r} is gone: there is nothing to start from")
         start = 0 if found is None else found.step
-        if found is not None:
-            state = found.state
+        if found is None:
+            state = self.layout.initial_state(self.initial_state, self.plan.initial_params)
+        else:
+            state = self.layout.place(found.state)
             if self.main:
                 print(f"{'forking ' + self.plan.fork_from if self.plan.fork_from else 'resuming ' + self.workdir} "
                       f"from step {start}")
@@ -272,7 +289,8 @@ class Run:
         if self.main:
             rundir.repair_metrics(self.workdir, start)
         self.progress.start(start)
-        return start, replicate(state)
+        self.plan = dataclasses.replace(self.plan, initial_params=None)  # not kept on a device for the whole run
+        return start, state
 
     def _set_aside_unreadable(self) -> None:
         """Steps of this run that failed to restore are moved aside, so the loop can save those steps again."""
@@ -316,23 +334,24 @@ class Run:
     def eval_due(self, done: int) -> bool:
         return bool(self.val) and (done % self.t.eval_every == 0 or done == self.t.max_steps)
 
-    def evaluate(self, done: int, replicated_params: Any) -> float:
+    def evaluate(self, done: int, device_params: Any) -> float:
         with host_sync():
-            val_loss = float(np.mean([np.asarray(self.p_eval(replicated_params, b))[0] for b in self.val]))
+            val_loss = float(np.mean([self.layout.evaluate(device_params, b) for b in self.val]))
         self.last["val_loss"] = val_loss
         self.log_file.metrics(done, "val", {"loss": val_loss, "perplexity": float(np.exp(val_loss)),
                                             "tokens_seen": done * self.tokens_per_step})
         return val_loss
 
-    def sample(self, done: int, replicated_params: Any) -> None:
-        if self.main:
-            with host_sync():
-                text = sample_text(self.plan.model, replicated_params, self.plan.tokenizer, self.t, seed=done)
-            self.log_file.sample(done, self.t.sample_prompt, text)
+    def sample(self, done: int, device_params: Any) -> None:
+        with host_sync():
+            params = self.layout.host_params(device_params)  # a collective under fsdp: every process takes part
+            if self.main:
+                text = sample_text(self.plan.model, params, self.plan.tokenizer, self.t, seed=done)
+                self.log_file.sample(done, self.t.sample_prompt, text)
 
     def save(self, done: int, p_state: TrainState, val_loss: float | None) -> None:
         with host_sync():
-            self.checkpoints.save(done, to_global(p_state),
+            self.checkpoints.save(done, self.layout.for_checkpoint(p_state),
                                   data={"step": done, "seed": self.t.seed, "data": self.plan.bins.fingerprint},
                                   config=self.plan.resolved, meta={"loss": self.last.get("loss")}, val_loss=val_loss)
 
@@ -348,7 +367,8 @@ def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tok
     """Train metrics of the steps since the last log: every scalar the step returns, averaged over those steps
     (states such as lr and param_norm: their value at the log step), and throughput, only over steps timed
     without compiling. A metric added to `train.train_step` reaches metrics.jsonl and TensorBoard as is."""
-    out = {key: float(host[-1][key][0]) if key in LAST_VALUE_METRICS else float(np.mean([m[key][0] for m in host]))
+    first = lambda value: float(np.ravel(value)[0])  # pmap's metrics hold one copy per device, fsdp's one
+    out = {key: first(host[-1][key]) if key in LAST_VALUE_METRICS else float(np.mean([first(m[key]) for m in host]))
            for key in host[-1]}
     out["tokens_seen"] = done * tokens_per_step
     if timed_steps:
@@ -362,19 +382,19 @@ def first_non_finite(host: list[dict], done: int) -> tuple[int, str] | None:
     """(step, what) of the first step whose loss, gradient norm or updated parameters are not finite."""
     for i, metrics in enumerate(host):
         for key, what in (("loss", "loss"), ("grad_norm", "gradient"), ("param_norm", "parameters after the update")):
-            if not np.isfinite(metrics[key][0]):
+            if not np.isfinite(np.ravel(metrics[key])[0]):
                 return done - len(host) + 1 + i, what
     return None
 
 
-def sample_text(model: GPT2Config, replicated_params: Any, tokenizer: Tokenizer, train: ml_collections.ConfigDict,
+def sample_text(model: GPT2Config, params: Any, tokenizer: Tokenizer, train: ml_collections.ConfigDict,
                 seed: int) -> str:
-    """A text sample from the current params (process 0), logged during training."""
+    """A text sample from the current params (on this host), logged during training."""
     prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eos_token_id]
     new_tokens = min(train.sample_tokens, model.n_positions - len(prompt))
     if new_tokens < 1:
         return ""
-    lm = GPT2LMHeadModel(model, params=unreplicate_to_host(replicated_params))
+    lm = GPT2LMHeadModel(model, params=params)
     ids = lm.generate(np.array([prompt]), max_new_tokens=new_tokens, do_sample=True, top_k=50, seed=seed,
                       eos_token_id=-1)
     return tokenizer.decode(ids[0, len(prompt):], unknown="replace")

@@ -6,7 +6,8 @@
 #   gradients against XLA's (causal, right-padded); `gpt2jax bench` forward and train (124M, bf16,
 #   16 x 1024, attention auto and xla side by side) and decode (batch 1, 8, 64; bf16 and fp32); a 50-step `gpt2jax train` of
 #   124M bf16 16 x 1024 with tokens/s and MFU from its metrics.jsonl, against the bench step; the HF forward
-#   interface (hidden states, attentions, the cache) against the transformers fixture on the GPU.
+#   interface (hidden states, attentions, the cache) against the transformers fixture on the GPU; the train
+#   step and its memory under fsdp against pmap (124M bf16 16 x 1024).
 #
 #   bash scripts/gpu_check.sh
 #
@@ -140,6 +141,10 @@ EOF
 section "gpt2jax bench: 124M bf16 forward and train step, 16 x 1024, cuDNN (auto) and XLA attention side by side"
 gpt2jax bench --size gpt2 --dtype bfloat16 --what forward train --batch 16 --seq 1024 --repeats 5 \
   --attention auto xla 2>&1 | tee -a "$REPORT"
+
+section "gpt2jax bench: 124M bf16 train step under pmap and fsdp (one device), and the memory each needs"
+gpt2jax bench --size gpt2 --dtype bfloat16 --what train memory --batch 16 --seq 1024 --repeats 5 \
+  --parallelism pmap fsdp 2>&1 | tee -a "$REPORT"
 
 section "gpt2jax bench: decode, 32-token prompt + 128 new, greedy"
 gpt2jax bench --size gpt2 --what decode --repeats 3 2>&1 | tee -a "$REPORT"   # batch 1, 8, 64; bf16 and fp32

@@ -27,3 +27,17 @@ def cache_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("data-cache"))
     prepare(load_config(SMOKE, [f"--config.data.cache_dir={directory}"]).data, progress=False)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cache_dir, tmp_path_factory):
+    """The smoke experiment trained once on 8 devices (pmap, the default): the reference other runs equal."""
+    import jax
+
+    from gpt2jax.trainer import run_training
+    from helpers import smoke
+
+    run_dir = str(tmp_path_factory.mktemp("runs") / "smoke")
+    assert jax.device_count() == 8
+    run_training(smoke(cache_dir), run_dir, progress=False)
+    return run_dir

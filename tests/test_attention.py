@@ -13,6 +13,7 @@ from gpt2jax import GPT2Config, GPT2LMHeadModel, attention
 from gpt2jax.errors import UserError
 from gpt2jax.experiment import base_config
 from gpt2jax.model import GPT2LMHeadModule, init_params
+from gpt2jax.parallel import make_layout
 from gpt2jax.train import init_state, make_optimizer, pmapped_steps
 
 # 124M's width (12 heads of 64), two blocks, and a sequence splash takes (a multiple of 128)
@@ -58,6 +59,35 @@ def test_bfloat16_steps_lowered_for_tpu_hold_pallas_splash_attention(requested, 
     kernels = lambda text: set(re.findall(r'kernel_name = "(splash_mha_[a-z]+)', text))
     assert kernels(train) == {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}  # forward and backward
     assert kernels(evaluate) == {"splash_mha_fwd"} and TPU_KERNEL in train and "cudnn" not in train
+
+
+def lowered_fsdp_step(config, platform):
+    """The text of the "fsdp" train step (state split over the 8 devices, 16 rows of T) lowered for `platform`."""
+    optimizer, schedule = make_optimizer(base_config().optim, 10)
+    abstract = jax.eval_shape(lambda: init_state(init_params(config), optimizer, 0))
+    layout = make_layout("fsdp", None, GPT2LMHeadModule(config), optimizer, schedule, 1, False, abstract)
+    return layout.lower(abstract, 16, T, lowering_platforms=(platform,)).as_text()
+
+
+PER_DEVICE = "tensor<2x256x12x64xbf16>"  # one device's 2 of the 16 rows, as (rows, T, heads, head dim)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_fsdp_step_runs_each_fused_kernel_per_device_on_its_own_rows(platform, cudnn_found):
+    """Under the mesh the kernels run inside shard_map over both mesh axes (XLA cannot split a custom call):
+    forward and backward of every layer, each on one device's rows, never on the gathered batch."""
+    text = lowered_fsdp_step(WIDE, platform)
+    assert text.count("sdy.manual_computation(") == 2 * WIDE.n_layer  # forward and backward, per layer
+    if platform == "cuda":
+        calls = [line for line in text.splitlines() if "@__cudnn$fmhaSoftmax" in line]
+        assert len(calls) == 2 * WIDE.n_layer and TPU_KERNEL not in text
+    else:
+        calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
+        assert set(re.findall(r'kernel_name = "(splash_mha_[a-z]+)', text)) == {"splash_mha_fwd", "splash_mha_dq",
+                                                                                 "splash_mha_dkv"}
+    heads_first = PER_DEVICE.replace("2x256x12x64", "2x12x256x64")  # splash's layout
+    assert calls and all(PER_DEVICE in line or heads_first in line for line in calls)
+    assert not any("16x256x12x64" in line or "16x12x256x64" in line for line in calls)
 
 
 def test_auto_lowered_for_cpu_holds_neither_kernel(cudnn_found):

@@ -25,14 +25,6 @@ def read_metrics(run_dir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-@pytest.fixture(scope="session")
-def smoke_run(cache_dir, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("runs") / "smoke")
-    assert jax.device_count() == 8
-    run_training(smoke(cache_dir), run_dir, progress=False)
-    return run_dir
-
-
 def test_smoke_trains_and_loss_falls(smoke_run):
     train = read_metrics(smoke_run)
     assert [r["step"] for r in train] == [5, 10, 15, 20]
@@ -212,10 +204,13 @@ def finish(procs, timeout=300):
     return [p.returncode for p in procs], outputs
 
 
-def test_two_processes_reproduce_the_single_process_run(smoke_run, cache_dir, tmp_path):
-    """Two JAX processes on 127.0.0.1 (4 CPU devices each) train the smoke run: the same losses as 1 x 8."""
+@pytest.mark.parametrize("parallelism", ["pmap", "fsdp"])
+def test_two_processes_reproduce_the_single_process_run(parallelism, smoke_run, cache_dir, tmp_path):
+    """Two JAX processes on 127.0.0.1 (4 CPU devices each) train the smoke run: the same losses as 1 x 8 (pmap),
+    with the state replicated (pmap) or split over the 8 devices of both processes (fsdp)."""
     run_dir = str(tmp_path / "two")
-    codes, outputs = finish(start_together(two_process_commands(run_dir, cache_dir)), timeout=600)
+    commands = two_process_commands(run_dir, cache_dir, f"--config.train.parallelism={parallelism}")
+    codes, outputs = finish(start_together(commands), timeout=600)
     assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     two, one = read_metrics(run_dir), read_metrics(smoke_run)
     assert [r["step"] for r in two] == [r["step"] for r in one]

@@ -69,15 +69,19 @@ def bench_forward(model: GPT2LMHeadModel, ids: np.ndarray, repeats: int, peak: f
 
 
 def bench_decode(model: GPT2LMHeadModel, prompt: np.ndarray, new_tokens: int, repeats: int) -> None:
-    """Greedy, EOS off; the first call compiles (or reads the persistent compilation cache)."""
-    generate = lambda: model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1)
-    start = time.perf_counter()
-    generate()
-    first = time.perf_counter() - start
-    seconds = perf.median_seconds(generate, repeats)
-    batch = prompt.shape[0]
-    print(f"  decode batch {batch}, {prompt.shape[1]}-token prompt, {new_tokens} new: "
-          f"{batch * new_tokens / seconds:,.1f} tok/s (first call {first:.1f} s)")
+    """Greedy, EOS off, and for a batch of 1 also a beam search of 4 beams; the first call compiles (or reads
+    the persistent compilation cache). tok/s counts the new tokens of the rows returned (beams: one per
+    prompt, the best)."""
+    searches = [("", {})] + ([(", 4 beams", {"num_beams": 4})] if prompt.shape[0] == 1 else [])
+    for label, options in searches:
+        generate = lambda: model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, **options)
+        start = time.perf_counter()
+        generate()
+        first = time.perf_counter() - start
+        seconds = perf.median_seconds(generate, repeats)
+        batch = prompt.shape[0]
+        print(f"  decode batch {batch}{label}, {prompt.shape[1]}-token prompt, {new_tokens} new: "
+              f"{batch * new_tokens / seconds:,.1f} tok/s (first call {first:.1f} s)")
 
 
 def bench_train(model: GPT2LMHeadModel, ids: np.ndarray, repeats: int, peak: float, parallelism: str = "pmap") -> None:

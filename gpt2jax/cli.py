@@ -157,6 +157,14 @@ def add_sample(commands: Any) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--stream", action="store_true", help="print text as it is generated")
     sample.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
+    sample.add_argument("--num-beams", type=positive_int, default=1,
+                        help="beam search with this many beams (deterministic: no sampling)")
+    sample.add_argument("--num-return-sequences", type=positive_int, default=1,
+                        help="continuations per sample (the best beams, or independent draws)")
+    sample.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="> 1 discourages repeats")
+    sample.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=0,
+                        help="no n-gram of this size twice; 0: off")
+    sample.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no EOS before this many")
     sample.set_defaults(handler=run_sample)
 
 
@@ -260,8 +268,10 @@ def run_sample(args: argparse.Namespace) -> None:
     model, tokenizer = load_model_and_tokenizer(args.run, args.model, args.step, args.tokenizer, args.dtype)
     sample(
         model, tokenizer, args.prompt, num_samples=args.num_samples, stream=args.stream, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.num_beams == 1,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
     )
 
 

@@ -47,6 +47,10 @@ class PretrainedGPT2:
         self.config = config if dtype is None else config.replace(dtype=dtype)
         self.input_shape, self.key, self._do_init = tuple(input_shape), jax.random.key(seed), bool(_do_init)
         self.training = False
+        # generate's defaults (Hugging Face's `model.generation_config`): read from generation_config.json by
+        # from_pretrained, written by save_pretrained
+        # (Hugging Face's from_model_config: generation fields set on the config, e.g. config.num_beams = 2)
+        self.generation_config = GenerationConfig.from_hf_dict(self.config.extra, "the config's generation fields")
         self._decoding: tuple[Any, Any] = (None, None)  # (params, their generation.Decoding)
         self._params = None
         if params is not None:
@@ -133,6 +137,10 @@ class PretrainedGPT2:
         model = cls(config, params=params)
         if run is not None:
             model.run_step, model.run_config = run
+        settings = os.path.join(os.fspath(name_or_path), "generation_config.json")
+        if run is None and os.path.isfile(settings):
+            model.generation_config = GenerationConfig.from_hf_dict(
+                rundir.read_json_object(settings, "a generation_config.json"), settings)
         if _do_init:
             return model
         model._params, model._do_init = None, False
@@ -145,6 +153,8 @@ class PretrainedGPT2:
         head_params = params if self._head else {self.base_model_prefix: params}
         hf.save_pretrained(directory, head_params, self.config.replace(param_dtype=_float_dtype(params,
                                                                                                  self.config)))
+        rundir.write_json(os.path.join(os.fspath(directory), "generation_config.json"),
+                          self.generation_config.to_hf_dict())
 
     def to_bf16(self, params: Any, mask: Any = None) -> Any:
         """`params` with floating leaves cast to bfloat16; with `mask` (a tree of bools shaped like params)
@@ -321,22 +331,24 @@ class GPT2LMHeadModel(PretrainedGPT2):
 
     def generate(
         self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None, *,
-        params: Any = None, **kwargs: Any,
-    ) -> np.ndarray:
+        params: Any = None, prng_key: jax.Array | None = None, **kwargs: Any,
+    ) -> generation.GenerateOutput:
         """Continue each prompt by `max_new_tokens` tokens in one compiled loop over a KV cache.
 
         Settings come from `generation_config` (a `GenerationConfig`), with any of its fields given as
-        keywords overriding it, as in Hugging Face: `max_new_tokens, do_sample, temperature, top_k,
-        top_p, eos_token_id, pad_token_id, seed`. Batches of different lengths are left-padded with
-        `attention_mask` 0; positions follow the mask, so a padded row yields the tokens it would
-        yield alone. A row that emits EOS gets `pad_token_id` (default: the config's, else EOS) after it;
-        the loop ends once every row is done. `params` replace `self.params` for this call.
+        keywords overriding it, as in Hugging Face: `max_new_tokens, max_length, do_sample, temperature,
+        top_k, top_p, eos_token_id, pad_token_id, seed, num_beams, num_return_sequences, length_penalty,
+        early_stopping`. Batches of different lengths are left-padded with `attention_mask` 0; positions
+        follow the mask, so a padded row yields the tokens it would yield alone. A row that emits EOS gets
+        `pad_token_id` (default: the config's, else EOS) after it; the loop ends once every row is done.
+        `params` replace `self.params` for this call; `prng_key` (HF Flax's name) replaces the key of `seed`.
 
         Returns:
-          int32 (B, T + max_new_tokens): the prompts followed by the new tokens.
+          int32 (B num_return_sequences, T + max_new_tokens): the prompts followed by the new tokens, an
+          array that also has Hugging Face's `.sequences` (and `.sequences_scores` after beam search).
         """
-        gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
-        return generation.generate(self.decoding(params), input_ids, attention_mask, gen)
+        gen = GenerationConfig.from_kwargs(generation_config or self.generation_config, **kwargs)
+        return generation.generate(self.decoding(params), input_ids, attention_mask, gen, prng_key)
 
     def generate_stream(
         self, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None, *,
@@ -344,7 +356,7 @@ class GPT2LMHeadModel(PretrainedGPT2):
     ) -> Iterator[np.ndarray]:
         """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps; with the same
         settings the chunks concatenate to `generate`'s new tokens."""
-        gen = GenerationConfig.from_kwargs(generation_config, **kwargs)
+        gen = GenerationConfig.from_kwargs(generation_config or self.generation_config, **kwargs)
         return generation.generate_stream(self.decoding(params), input_ids, attention_mask, gen, chunk_size)
 
     def decoding(self, params: Any = None) -> generation.Decoding:

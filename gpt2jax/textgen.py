@@ -69,6 +69,9 @@ def sample(
         raise UserError("the prompt is empty")
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+    if stream and (generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1):
+        raise UserError("--stream prints one continuation per sample as it grows; use generate for num_beams > 1 or "
+                        "num_return_sequences > 1 (drop --stream)")
     kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
     completions = []
     if not stream:

@@ -90,6 +90,13 @@ def test_sample_dtype_computes_in_that_dtype(tmp_path):
         (["--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
         (["--prompt", "x", "--top-p", "2"], "top_p must be in"),
         (["--prompt", "x", "--num-samples", "0"], "num-samples must be >= 1"),
+        (["--prompt", "x", "--num-beams", "0"], "--num-beams must be >= 1"),
+        (["--prompt", "x", "--num-beams", "2", "--num-return-sequences", "3"], "exceeds num_beams=2"),
+        (["--prompt", "x", "--greedy", "--num-return-sequences", "2"], "needs do_sample=True or num_beams > 1"),
+        (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["--prompt", "x", "--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be >= 0"),
+        (["--prompt", "x", "--min-new-tokens", "-1"], "--min-new-tokens must be >= 0"),
+        (["--prompt", "x", "--num-beams", "2", "--stream"], "use generate for num_beams > 1"),
     ],
 )
 def test_sample_bad_input_is_one_line_and_exit_2(hf_dir, extra, message):
@@ -147,3 +154,13 @@ def test_a_second_sample_of_the_same_shapes_compiles_nothing(hf_dir, tmp_path):
     assert sorted(os.listdir(cache)) == entries
     off = subprocess.run(args, capture_output=True, text=True, env={**env, "GPT2JAX_COMPILATION_CACHE": "off"})
     assert off.returncode == 0 and off.stdout == first.stdout and sorted(os.listdir(cache)) == entries
+
+
+def test_sample_by_beam_search_prints_each_returned_beam(hf_dir):
+    args = ["sample", "--model", hf_dir, "--prompt", "Hello", "--max-new-tokens", "8", "--num-beams", "3",
+            "--num-return-sequences", "2", "--no-repeat-ngram-size", "2", "--repetition-penalty", "1.2"]
+    first, again = run(*args), run(*args, "--seed", "5")
+    assert first.returncode == 0, first.stderr
+    texts = first.stdout.split("\n---\n")
+    assert len(texts) == 2 and all(t.startswith("Hello") for t in texts) and texts[0] != texts[1]
+    assert again.stdout == first.stdout  # beam search draws nothing: the seed changes nothing

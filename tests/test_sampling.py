@@ -179,7 +179,7 @@ def test_bucket_length():
         (dict(input_ids=[[1, 2]], top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(input_ids=[[1, 101]]), "vocab_size is 101"),
         (dict(input_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
-        (dict(input_ids=[[1, 2]], max_length=9), "unknown arguments max_length; it takes max_new_tokens"),
+        (dict(input_ids=[[1, 2]], max_len=9), "unknown arguments max_len; it takes max_new_tokens"),
         (dict(input_ids=[[1, 2]], eos_token_id=1.5), "eos_token_id must be an integer"),
     ],
 )

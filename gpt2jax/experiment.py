@@ -168,6 +168,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_token_i
     return GPT2Config(**fields, dtype=config.train.compute_dtype, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
 
 
+PARALLELISMS = ("pmap", "fsdp")  # train.parallelism's values (gpt2jax/parallel.py)
+
 # Keys whose change does not alter what a run computes: a run may resume with them changed.
 RESUME_SAFE_KEYS = {
     "data.cache_dir", "data.num_proc", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -219,8 +221,8 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int, re
         raise UserError(f"optim.decay_steps={o.decay_steps} is shorter than optim.warmup_steps={o.warmup_steps}")
     if d.block_size > m.n_positions:
         raise UserError(f"data.block_size={d.block_size} exceeds model.n_positions={m.n_positions}")
-    if t.parallelism not in ("pmap", "fsdp"):
-        raise UserError(f"train.parallelism={t.parallelism!r} is not one of 'pmap', 'fsdp'")
+    if t.parallelism not in PARALLELISMS:
+        raise UserError(f"train.parallelism={t.parallelism!r} is not one of {', '.join(map(repr, PARALLELISMS))}")
     if t.fsdp_size is not None:
         if t.parallelism != "fsdp":
             raise UserError(f"train.fsdp_size={t.fsdp_size} applies to train.parallelism='fsdp' (this run: "

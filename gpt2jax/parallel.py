@@ -31,11 +31,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2jax.errors import UserError
+from gpt2jax.experiment import PARALLELISMS
 from gpt2jax.model import GPT2LMHeadModule
 from gpt2jax.train import (TrainState, eval_step, global_replicated_sharding, pmapped_steps, replicate, shard_batch,
                            to_global, train_step, unreplicate_to_host)
 
-PARALLELISMS = ("pmap", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the mesh's axes; the batch is split over both
 
 
@@ -82,7 +82,12 @@ class Layout:
 
     def evaluate(self, params: Any, batch: dict[str, jax.Array]) -> float:
         with self.context():
-            return float(np.ravel(self.eval_step(params, batch))[0])
+            return first_copy(self.eval_step(params, batch))
+
+    @property
+    def rows(self) -> NamedSharding:
+        """fsdp's global batch: its rows split over both mesh axes."""
+        return NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
 
     # --- the state
 
@@ -113,7 +118,7 @@ class Layout:
         if self.mesh is None:
             return replicate(make_state(*args))
         shardings = self.state_shardings(jax.eval_shape(make_state, *args))
-        with jax.set_mesh(self.mesh):
+        with self.context():
             return jax.jit(make_state, out_shardings=shardings)(*args)
 
     def place(self, state: Any) -> Any:
@@ -142,12 +147,11 @@ class Layout:
         fsdp's global (G, T) array split over the mesh."""
         if self.mesh is None:
             return shard_batch(host_batch)
-        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
 
         def put(x):
             rows = x.reshape(-1, x.shape[-1])
             return jax.make_array_from_process_local_data(
-                sharding, rows, (rows.shape[0] * jax.process_count(), rows.shape[1]))
+                self.rows, rows, (rows.shape[0] * jax.process_count(), rows.shape[1]))
 
         return {name: put(x) for name, x in host_batch.items()}
 
@@ -163,8 +167,7 @@ class Layout:
             if not lowering:  # pmap's own lowering keeps its donation (the memory analysis counts it)
                 return self.train_step.lower(state, batch)
             return jax.jit(self.train_step).trace(state, batch).lower(**lowering)
-        rows = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
-        batch = {name: tokens((global_batch, seq_len), rows) for name in ("inputs", "targets")}
+        batch = {name: tokens((global_batch, seq_len), self.rows) for name in ("inputs", "targets")}
         with self.context():
             return self.train_step.trace(self.restore_target(abstract_state), batch).lower(**lowering)
 
@@ -182,18 +185,11 @@ class Layout:
 
     def state_memory(self, abstract_state: Any) -> dict[str, int]:
         """Bytes one device holds of the parameters, of the optimizer state and of the gradients (laid out
-        as the parameters are), from abstract shapes."""
-        if self.mesh is None:  # the whole of each on every device
-            shardings = jax.tree.map(lambda _: _one_device(), abstract_state)
-        else:
-            shardings = self.state_shardings(abstract_state)
+        as the parameters are), from abstract shapes (under pmap, replicated: the whole of each)."""
+        shardings = self.state_shardings(abstract_state)
         params = bytes_per_device(abstract_state.params, shardings.params)
         return {"params": params, "optimizer": bytes_per_device(abstract_state.opt_state, shardings.opt_state),
                 "gradients": params}
-
-
-def _one_device() -> NamedSharding:
-    return NamedSharding(Mesh(np.array(jax.devices()[:1]), ("one",)), PartitionSpec())
 
 
 def _count(n: int) -> str:
@@ -204,10 +200,23 @@ def gigabytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+def first_copy(value: Any) -> float:
+    """A scalar the steps return: pmap's hold one copy per device, fsdp's one."""
+    return float(np.ravel(value)[0])
+
+
+def state_shards(parallelism: str, fsdp_size: int | None) -> int:
+    """Devices that share one copy of the train state: fsdp_size (None: every device) under fsdp, 1 under
+    pmap."""
+    if parallelism != "fsdp":
+        return 1
+    return jax.device_count() if fsdp_size is None else fsdp_size
+
+
 def make_mesh(fsdp_size: int | None) -> Mesh:
     """The ("data", "fsdp") mesh over every device, process by process; `fsdp_size` None: all devices."""
     devices = jax.devices()
-    fsdp = len(devices) if fsdp_size is None else fsdp_size
+    fsdp = state_shards("fsdp", fsdp_size)
     if fsdp < 1 or len(devices) % fsdp:
         raise UserError(f"train.fsdp_size={fsdp_size} does not divide the {len(devices)} devices")
     grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
@@ -228,12 +237,11 @@ def make_layout(parallelism: str, fsdp_size: int | None, module: GPT2LMHeadModul
     layout = Layout("fsdp", mesh, None, None)
     state_shardings = layout.state_shardings(abstract_state)
     constrain = lambda grads: jax.lax.with_sharding_constraint(grads, state_shardings.params)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     groups = dict(axis_name=None, row_groups=mesh.size, group_axes=BATCH_AXES)
     train = jax.jit(functools.partial(step, **groups, constrain=constrain),
-                    in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                    in_shardings=(state_shardings, layout.rows), out_shardings=(state_shardings, replicated),
                     donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(eval_step, module=module, **groups),
-                       in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+                       in_shardings=(state_shardings.params, layout.rows), out_shardings=replicated)
     return dataclasses.replace(layout, train_step=train, eval_step=evaluate)

@@ -36,7 +36,7 @@ from gpt2jax.logs import Progress, RunLog, run_info
 from gpt2jax.model import GPT2LMHeadModule, init_params
 from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
-from gpt2jax.parallel import Layout, make_layout
+from gpt2jax.parallel import Layout, first_copy, make_layout, state_shards
 from gpt2jax.train import TrainState, init_state, make_optimizer
 
 
@@ -117,7 +117,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     t = config.train
     perf.check_fits(experiment_model(config, len(tokenizer), tokenizer.eos_token_id, resuming),  # before tokenizing
                     t.global_batch_size // (jax.device_count() * t.grad_accum_steps), config.data.block_size,
-                    train=True, what="training this model", state_shards=state_shards(t))
+                    train=True, what="training this model", state_shards=state_shards(t.parallelism, t.fsdp_size))
     # data.prepare's bars redraw with carriage returns: on a terminal only
     bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"], resuming)
@@ -153,13 +153,6 @@ def check_same_data(workdir: str, bins: TokenBins) -> None:
 
 def uses_dropout(model: GPT2Config) -> bool:
     return max(model.resid_pdrop, model.embd_pdrop, model.attn_pdrop) > 0
-
-
-def state_shards(train: ml_collections.ConfigDict) -> int:
-    """Devices that share one copy of the train state: fsdp_size (default all) under fsdp, 1 under pmap."""
-    if train.parallelism != "fsdp":
-        return 1
-    return jax.device_count() if train.fsdp_size is None else train.fsdp_size
 
 
 def initial_params(config: ml_collections.ConfigDict, model: GPT2Config) -> Any:
@@ -367,9 +360,8 @@ def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tok
     """Train metrics of the steps since the last log: every scalar the step returns, averaged over those steps
     (states such as lr and param_norm: their value at the log step), and throughput, only over steps timed
     without compiling. A metric added to `train.train_step` reaches metrics.jsonl and TensorBoard as is."""
-    first = lambda value: float(np.ravel(value)[0])  # pmap's metrics hold one copy per device, fsdp's one
-    out = {key: first(host[-1][key]) if key in LAST_VALUE_METRICS else float(np.mean([first(m[key]) for m in host]))
-           for key in host[-1]}
+    out = {key: first_copy(host[-1][key]) if key in LAST_VALUE_METRICS
+           else float(np.mean([first_copy(m[key]) for m in host])) for key in host[-1]}
     out["tokens_seen"] = done * tokens_per_step
     if timed_steps:
         tokens_per_s = timed_steps * tokens_per_step / seconds
@@ -382,7 +374,7 @@ def first_non_finite(host: list[dict], done: int) -> tuple[int, str] | None:
     """(step, what) of the first step whose loss, gradient norm or updated parameters are not finite."""
     for i, metrics in enumerate(host):
         for key, what in (("loss", "loss"), ("grad_norm", "gradient"), ("param_norm", "parameters after the update")):
-            if not np.isfinite(np.ravel(metrics[key])[0]):
+            if not np.isfinite(first_copy(metrics[key])):
                 return done - len(host) + 1 + i, what
     return None
 

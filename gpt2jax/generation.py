@@ -94,8 +94,9 @@ class GenerationConfig:
                             "(greedy decoding gives one continuation per prompt)")
         if self.num_beams > 1 and self.do_sample:
             raise UserError("num_beams > 1 with do_sample=True (beam sampling) is not supported; use one of them")
-        if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, (int, float)) and \
-                not isinstance(self.early_stopping, bool):
+        if isinstance(self.early_stopping, np.bool_):  # beam search compares with `is True`
+            object.__setattr__(self, "early_stopping", bool(self.early_stopping))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise UserError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool) or \
                 not np.isfinite(self.length_penalty):
@@ -138,10 +139,9 @@ class GenerationConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The fields that differ from the defaults, with Hugging Face's names (`generation_config.json`)."""
-        default = GenerationConfig()
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"}
-        return {name: (list(map(list, v)) if name == "bad_words_ids" and v else list(v) if isinstance(v, tuple) else v)
-                for name, v in fields.items() if v != getattr(default, name)}
+        default = GenerationConfig()  # (token lists are tuples here: JSON writes them as lists)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "seed" and getattr(self, f.name) != getattr(default, f.name)}
 
     @classmethod
     def from_hf_dict(cls, fields: dict[str, Any], where: str) -> GenerationConfig:
@@ -177,7 +177,7 @@ class GenerationConfig:
                                                                                             sampling.ProcessorValues]:
         """The logits processors these settings turn on, and their values, checked against the vocabulary."""
         V = config.vocab_size
-        eos = config.eos_token_id if self.eos_token_id is None else self.eos_token_id
+        eos, _ = self.token_ids(config)
         for name in ("forced_bos_token_id", "forced_eos_token_id"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < V:
                 raise UserError(f"{name}={getattr(self, name)} is not a token of this model (vocab_size={V})")
@@ -401,21 +401,27 @@ def generate(decoding: Decoding, input_ids: Any, attention_mask: Any, gen: Gener
 def generate_stream(decoding: Decoding, input_ids: Any, attention_mask: Any, gen: GenerationConfig,
                     chunk_size: int) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens (B, k) every `chunk_size` compiled steps; with the same seed the
-    chunks concatenate to `generate`'s new tokens."""
+    chunks concatenate to `generate`'s new tokens. Every setting is checked when called, before the first
+    chunk is asked for (a caller can print nothing until the settings are known good)."""
     if not is_int(chunk_size) or chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if gen.num_beams > 1 or gen.num_return_sequences > 1:
+        raise UserError("streaming gives one sampled or greedy continuation per prompt; use generate for "
+                        "num_beams > 1 or num_return_sequences > 1 (on the command line: drop --stream)")
     values = gen.sampling_values(decoding.config)
     prompts = prepare_prompts(input_ids, attention_mask, decoding.config, gen, gen.token_ids(decoding.config)[1])
     rules = gen.sampling_rules(decoding.config.vocab_size)
-    if gen.num_beams > 1 or gen.num_return_sequences > 1:
-        raise UserError("generate_stream streams one sampled or greedy continuation per prompt; use generate for "
-                        "num_beams > 1 or num_return_sequences > 1")
     processors = gen.processors(decoding.config, prompts.length, prompts.new_tokens)
-    state = sampling.prefill_jit(decoding.decoder, decoding.params, prompts.tokens_BxP, prompts.mask_BxP,
-                                 prompts.new_tokens, jax.random.key(gen.seed))
-    prompt_slots, emitted = prompts.tokens_BxP.shape[1], 0
-    while emitted < prompts.new_tokens and not bool(np.all(state.done_B)):
-        state = sampling.decode_jit(decoding.decoder, decoding.params, state, chunk_size, rules, values, *processors)
-        step = int(state.step)
-        yield np.asarray(state.tokens_BxL[:, prompt_slots + emitted: prompt_slots + step])
-        emitted = step
+
+    def chunks() -> Iterator[np.ndarray]:
+        state = sampling.prefill_jit(decoding.decoder, decoding.params, prompts.tokens_BxP, prompts.mask_BxP,
+                                     prompts.new_tokens, jax.random.key(gen.seed))
+        prompt_slots, emitted = prompts.tokens_BxP.shape[1], 0
+        while emitted < prompts.new_tokens and not bool(np.all(state.done_B)):
+            state = sampling.decode_jit(decoding.decoder, decoding.params, state, chunk_size, rules, values,
+                                        *processors)
+            step = int(state.step)
+            yield np.asarray(state.tokens_BxL[:, prompt_slots + emitted: prompt_slots + step])
+            emitted = step
+
+    return chunks()

@@ -181,12 +181,12 @@ def ngram_bans(tokens_BxL: jax.Array, seen_BxL: jax.Array, end: jax.Array, n: in
     """(B, V) bool: the tokens that would repeat an n-gram already in the sequence."""
     B, L = tokens_BxL.shape
     starts_J = jnp.arange(max(L - n + 1, 1))
-    grams_BxJxn = tokens_BxL[:, jnp.minimum(starts_J[:, None] + jnp.arange(n), L - 1)]
-    real_J = jnp.all(seen_BxL[:, jnp.minimum(starts_J[:, None] + jnp.arange(n), L - 1)], axis=-1)
-    last_Bx1 = lax.dynamic_slice_in_dim(tokens_BxL, end - (n - 1), n - 1, axis=1) if n > 1 else tokens_BxL[:, :0]
-    last_real_B = jnp.all(lax.dynamic_slice_in_dim(seen_BxL, end - (n - 1), n - 1, axis=1), axis=1) if n > 1 \
-        else jnp.ones((B,), bool)
-    matches_BxJ = jnp.all(grams_BxJxn[:, :, :n - 1] == last_Bx1[:, None, :], axis=-1) & real_J
+    window_Jxn = jnp.minimum(starts_J[:, None] + jnp.arange(n), L - 1)
+    grams_BxJxn, real_J = tokens_BxL[:, window_Jxn], jnp.all(seen_BxL[:, window_Jxn], axis=-1)
+    # the n - 1 tokens that end the sequence so far (none when n is 1)
+    last_BxN1 = lax.dynamic_slice_in_dim(tokens_BxL, end - (n - 1), n - 1, axis=1)
+    last_real_B = jnp.all(lax.dynamic_slice_in_dim(seen_BxL, end - (n - 1), n - 1, axis=1), axis=1)
+    matches_BxJ = jnp.all(grams_BxJxn[:, :, :n - 1] == last_BxN1[:, None, :], axis=-1) & real_J
     matches_BxJ = matches_BxJ & (starts_J + n - 1 < end)[None] & last_real_B[:, None] & (end >= n - 1)
     return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], grams_BxJxn[:, :, n - 1]].max(matches_BxJ)
 

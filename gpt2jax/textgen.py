@@ -69,9 +69,6 @@ def sample(
         raise UserError("the prompt is empty")
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
-    if stream and (generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1):
-        raise UserError("--stream prints one continuation per sample as it grows; use generate for num_beams > 1 or "
-                        "num_return_sequences > 1 (drop --stream)")
     kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
     completions = []
     if not stream:
@@ -81,10 +78,11 @@ def sample(
             out.write(("" if i == 0 else "\n---\n") + prompt + text + "\n")
         return completions
     for i in range(num_samples):
+        chunks = model.generate_stream(np.array([ids]), seed=seed + i, **kwargs)  # checked before printing
         out.write(("" if i == 0 else "\n---\n") + prompt)
         new_ids: list[int] = []
         shown = ""
-        for chunk in model.generate_stream(np.array([ids]), seed=seed + i, **kwargs):
+        for chunk in chunks:
             new_ids += chunk[0].tolist()
             text = tokenizer.decode(new_ids, skip_special_tokens=True, unknown="replace")
             stable = text.rstrip("\ufffd")  # a character split across tokens: wait for the rest

@@ -3,9 +3,10 @@ implementation that runs it on each platform (`GPT2Config.attention`).
 
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`; every platform, every call.
 - "cudnn": cuDNN's fused flash attention (`implementation="cudnn"`); NVIDIA GPUs, bfloat16 / float16,
-  head dim a multiple of 8 up to 128. Causal; a right-padded batch goes through key lengths.
+  head dim a multiple of 8 up to 128. Causal; a right-padded batch goes through key lengths; packed
+  examples (segment ids) through a mask, which jax hands cuDNN as a (B, 1, T, S) bias.
 - "splash": Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`); TPUs, bfloat16,
-  a sequence length that is a multiple of 128. Causal, unpadded.
+  a sequence length that is a multiple of 128. Causal, unpadded; packed examples by its own SegmentIds.
 - "auto" (default): the fused kernel of the platform the program is *lowered* for where it applies, XLA
   otherwise: `lax.platform_dependent` keeps one branch per platform in the traced program, so one jitted
   step is right on a GPU, a TPU and a CPU alike. (jax's own `implementation=None` is XLA everywhere.)
@@ -16,6 +17,13 @@ and calls that materialise the probabilities (attention dropout in training, `ou
 XLA. Attention dropout stays on XLA on every platform: jax's public fused kernels take no dropout, and
 cuDNN's private one takes its seed as a static Python int (`fused_attention_stablehlo.dot_product_attention
 (seed: int = 42)`), so its mask could not change from step to step without recompiling.
+
+Packed examples (`segment_ids_BxT`: several examples in one row, each attending only to itself, as task
+fine-tuning packs them, gpt2jax.examples) cost nothing extra on XLA (the causal mask is materialised there
+anyway) and on splash (segment ids are its own input, blocks without a shared segment are skipped). cuDNN
+takes them as the bias jax makes of a boolean mask: the fused kernel still runs, and reads a (B, 1, T, S)
+bfloat16 bias (and writes its gradient, which jax always exports) per layer: 2 x 32 MiB per layer at 16 x
+1024. cuDNN's own packed layout (`q_offsets` / `kv_offsets`) is in jax's private API only, unverified here.
 
 float32 compute never takes a fused kernel: both compute in reduced precision, and float32 stays exact
 (every matmul at HIGHEST on accelerators, see `GPT2Config.matmul_precision`).
@@ -56,6 +64,7 @@ class Call:
     padded: bool  # a key mask was given
     dropout: bool  # attention dropout applies (training with attn_pdrop > 0)
     weights: bool  # the probabilities are returned (output_attentions)
+    segmented: bool = False  # segment ids were given (packed examples)
 
 
 def current_platform() -> str:
@@ -117,7 +126,10 @@ def choose(requested: str, platform: str, call: Call) -> tuple[str, str]:
         return "xla", "a KV cache (prefill and decode)"
     if call.padded and kernel == "splash":
         return "xla", "padding (splash runs unpadded causal attention)"
-    return kernel, f"{jnp.dtype(call.dtype).name}, causal{', right padding by key lengths' if call.padded else ''}"
+    how = ", right padding by key lengths" if call.padded else ""
+    if call.segmented:
+        how += ", packed examples by segment ids" if kernel == "splash" else ", packed examples as a segment mask"
+    return kernel, f"{jnp.dtype(call.dtype).name}, causal{how}"
 
 
 def _refuse_dropout(requested: str) -> None:
@@ -136,12 +148,13 @@ def check_platform(requested: str, platform: str) -> None:
                         "use attention='auto' or 'xla'")
 
 
-def check(config: GPT2Config, platform: str, seq_len: int, train: bool) -> tuple[str, str]:
-    """(implementation, why) of the steps a training run on `platform` runs (T = S = seq_len, no cache);
-    a `UserError` when an explicit choice cannot be honoured there. Called before anything is written."""
+def check(config: GPT2Config, platform: str, seq_len: int, train: bool, packed: bool = False) -> tuple[str, str]:
+    """(implementation, why) of the steps a training run on `platform` runs (T = S = seq_len, no cache;
+    `packed`: with segment ids); a `UserError` when an explicit choice cannot be honoured there. Called before
+    anything is written."""
     check_platform(config.attention, platform)
     call = Call(config.compute_dtype, seq_len, seq_len, config.n_head, config.head_dim, cached=False, padded=False,
-                dropout=train and config.attn_pdrop > 0, weights=False)
+                dropout=train and config.attn_pdrop > 0, weights=False, segmented=packed)
     return choose(config.attention, platform, call)
 
 
@@ -165,18 +178,22 @@ def attend(
     cache_index: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     weights: bool = False,
+    segment_ids_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Causal softmax attention of the T queries over the S keys; returns the output (B, T, H, K) and, with
     `weights`, the float32 probabilities (B, H, T, S) (after dropout, as Hugging Face returns them).
 
     `key_mask_BxS`: 1 for real keys, 0 for padding; None: nothing padded. `cache_index`: None without a KV
-    cache (query t is key t), else the slot of the first query. `dropout_rng`: attention dropout
-    (`config.attn_pdrop`) with this key, None for none. `positions_BxT` are the queries' positions: GPT-2's
-    learned positions are added to the embeddings, so they are unused here; a rotary or ALiBi variant
-    applies them in this function."""
+    cache (query t is key t), else the slot of the first query. `segment_ids_BxT` (no cache, T = S): packed
+    examples, query t seeing key s only where their ids are equal (and s <= t); None: one sequence per row.
+    `dropout_rng`: attention dropout (`config.attn_pdrop`) with this key, None for none. `positions_BxT` are the
+    queries' positions: GPT-2's learned positions are added to the embeddings, so they are unused here; a rotary
+    or ALiBi variant applies them in this function."""
     del positions_BxT
+    if segment_ids_BxT is not None and (cache_index is not None or key_mask_BxS is not None):
+        raise ValueError("segment ids mark packed examples: they take neither a KV cache nor a padding mask")
     attention = functools.partial(_attend, key_mask_BxS=key_mask_BxS, config=config, cache_index=cache_index,
-                                  dropout_rng=dropout_rng, weights=weights)
+                                  dropout_rng=dropout_rng, weights=weights, segment_ids_BxT=segment_ids_BxT)
     return upcast_float16_on_cpu(attention, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
 
 
@@ -196,19 +213,19 @@ def upcast_float16_on_cpu(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
 
 def _attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *, key_mask_BxS: jax.Array | None,
             config: GPT2Config, cache_index: jax.Array | None, dropout_rng: jax.Array | None,
-            weights: bool) -> tuple[jax.Array, jax.Array | None]:
+            weights: bool, segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
     B, T, H, K = q_BxTxHxK.shape
     S = k_BxSxHxK.shape[1]
     dropout = dropout_rng is not None and config.attn_pdrop > 0
     if dropout or weights:
         if dropout:
             _refuse_dropout(config.attention)
-        mask_BxTxS = full_mask_BxTxS(key_mask_BxS, B, T, S, cache_index)
+        mask_BxTxS = full_mask_BxTxS(key_mask_BxS, B, T, S, cache_index, segment_ids_BxT)
         return materialised(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, config.attn_pdrop if dropout else 0.0,
                             dropout_rng)
     call = Call(q_BxTxHxK.dtype, T, S, H, K, cached=cache_index is not None, padded=key_mask_BxS is not None,
-                dropout=False, weights=False)
-    run = functools.partial(_bound, key_mask_BxS=key_mask_BxS, cache_index=cache_index)
+                dropout=False, weights=False, segmented=segment_ids_BxT is not None)
+    run = functools.partial(_bound, key_mask_BxS=key_mask_BxS, cache_index=cache_index, segment_ids_BxT=segment_ids_BxT)
     if config.attention != "auto":
         implementation, _ = choose(config.attention, KERNEL_PLATFORM.get(config.attention, "cpu"), call)
         return run(implementation)(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK), None
@@ -219,16 +236,17 @@ def _attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
     return lax.platform_dependent(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, **branches), None
 
 
-def _bound(name: str, *, key_mask_BxS: jax.Array | None, cache_index: Any) -> Any:
-    """The implementation `name` as a function of (q, k, v), bound to this call's mask and cache slot."""
-    if name == "cudnn":
-        if key_mask_BxS is None:
-            return per_device_under_mesh(cudnn)
-        masked = per_device_under_mesh(lambda q, k, v, mask: cudnn(q, k, v, key_mask_BxS=mask))
-        return lambda q, k, v: masked(q, k, v, key_mask_BxS)
-    if name == "splash":
-        return per_device_under_mesh(splash, check_vma=False)  # Pallas' outputs carry no varying-axes types
-    return functools.partial(xla, key_mask_BxS=key_mask_BxS, cache_index=cache_index)
+def _bound(name: str, *, key_mask_BxS: jax.Array | None, cache_index: Any, segment_ids_BxT: jax.Array | None) -> Any:
+    """The implementation `name` as a function of (q, k, v), bound to this call's mask, segments and cache slot."""
+    if name == "xla":
+        return functools.partial(xla, key_mask_BxS=key_mask_BxS, cache_index=cache_index,
+                                 segment_ids_BxT=segment_ids_BxT)
+    kernel, check_vma = (cudnn, True) if name == "cudnn" else (splash, False)  # Pallas' outputs carry no vma types
+    extra = {"key_mask_BxS": key_mask_BxS, "segment_ids_BxT": segment_ids_BxT}
+    extra = {key: array for key, array in extra.items() if array is not None}  # arrays, split per device too
+    per_device = per_device_under_mesh(lambda q, k, v, *arrays: kernel(q, k, v, **dict(zip(extra, arrays))),
+                                       check_vma=check_vma)
+    return lambda q, k, v: per_device(q, k, v, *extra.values())
 
 
 def per_device_under_mesh(kernel: Callable[..., jax.Array], check_vma: bool = True) -> Callable[..., jax.Array]:
@@ -251,14 +269,23 @@ def per_device_under_mesh(kernel: Callable[..., jax.Array], check_vma: bool = Tr
     return call
 
 
-def full_mask_BxTxS(key_mask_BxS: jax.Array | None, B: int, T: int, S: int, cache_index: Any) -> jax.Array:
-    """Causality (query t, at slot cache_index + t, sees the slots up to its own) and key padding, as one
-    boolean mask."""
+def full_mask_BxTxS(key_mask_BxS: jax.Array | None, B: int, T: int, S: int, cache_index: Any,
+                    segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """Causality (query t, at slot cache_index + t, sees the slots up to its own), key padding and packed
+    examples (a query sees only keys of its own segment), as one boolean mask."""
     query_slot_T = (0 if cache_index is None else cache_index) + jnp.arange(T)
     causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-    if key_mask_BxS is None:
-        return jnp.broadcast_to(causal_TxS, (B, T, S))
-    return causal_TxS[None] & key_mask_BxS.astype(bool)[:, None, :]
+    mask_BxTxS = jnp.broadcast_to(causal_TxS, (B, T, S))
+    if key_mask_BxS is not None:
+        mask_BxTxS = mask_BxTxS & key_mask_BxS.astype(bool)[:, None, :]
+    if segment_ids_BxT is not None:
+        mask_BxTxS = mask_BxTxS & same_segment_BxTxS(segment_ids_BxT)
+    return mask_BxTxS
+
+
+def same_segment_BxTxS(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Query t and key s belong to the same packed example."""
+    return segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -266,22 +293,24 @@ def full_mask_BxTxS(key_mask_BxS: jax.Array | None, B: int, T: int, S: int, cach
 
 
 def xla(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *, key_mask_BxS: jax.Array | None = None,
-        cache_index: Any = None) -> jax.Array:
-    """XLA's attention: causal alone when nothing is padded or cached, else with the full mask."""
-    if key_mask_BxS is None and cache_index is None:
+        cache_index: Any = None, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """XLA's attention: causal alone when nothing is padded, packed or cached, else with the full mask."""
+    if key_mask_BxS is None and cache_index is None and segment_ids_BxT is None:
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True, implementation="xla")
     B, T, S = q_BxTxHxK.shape[0], q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
-    mask_BxTxS = full_mask_BxTxS(key_mask_BxS, B, T, S, cache_index)
+    mask_BxTxS = full_mask_BxTxS(key_mask_BxS, B, T, S, cache_index, segment_ids_BxT)
     return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None],
                                         implementation="xla")
 
 
 def cudnn(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
-          key_mask_BxS: jax.Array | None = None) -> jax.Array:
+          key_mask_BxS: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
     """cuDNN's fused causal attention. A padded batch runs it with key lengths when every row is right-padded
     (its keys a prefix of ones), which masks exactly as causality & padding do; otherwise XLA (a `lax.cond`
-    on the mask, so both are in the program)."""
+    on the mask, so both are in the program). Packed examples: the segment mask, which jax turns into a bias."""
     fused = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    if segment_ids_BxT is not None:
+        return fused(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=same_segment_BxTxS(segment_ids_BxT)[:, None])
     if key_mask_BxS is None:
         return fused(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
     real_BxS = key_mask_BxS.astype(bool)
@@ -296,9 +325,11 @@ def cudnn(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
     )
 
 
-def splash(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """Pallas splash attention (TPU), causal, per batch row; `interpret` runs the kernel on any platform (slowly),
-    for tests. Splash does not scale the logits: the queries are scaled by 1/sqrt(K) first, as MaxText does."""
+def splash(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
+           segment_ids_BxT: jax.Array | None = None, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU), causal, per batch row, packed examples by its SegmentIds; `interpret` runs
+    the kernel on any platform (slowly), for tests. Splash does not scale the logits: the queries are scaled by
+    1/sqrt(K) first, as MaxText does."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, T, H, K = q_BxTxHxK.shape
@@ -309,7 +340,12 @@ def splash(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *, 
     kernel = sa.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, H, T, K), the kernel's layout
     q_BxHxTxK = heads_first(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype))
-    out_BxHxTxK = jax.vmap(kernel)(q_BxHxTxK, heads_first(k_BxSxHxK), heads_first(v_BxSxHxK))
+    if segment_ids_BxT is None:
+        out_BxHxTxK = jax.vmap(kernel)(q_BxHxTxK, heads_first(k_BxSxHxK), heads_first(v_BxSxHxK))
+    else:
+        by_row = lambda q, k, v, ids_T: kernel(q, k, v, segment_ids=sa.SegmentIds(q=ids_T, kv=ids_T))
+        out_BxHxTxK = jax.vmap(by_row)(q_BxHxTxK, heads_first(k_BxSxHxK), heads_first(v_BxSxHxK),
+                                       segment_ids_BxT.astype(jnp.int32))
     return heads_first(out_BxHxTxK)
 
 

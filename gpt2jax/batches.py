@@ -131,3 +131,152 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Task examples (data.format = "prompt_completion", gpt2jax.examples): rows of whole examples.
+#
+# An example of n tokens (prompt, completion, EOS; cut to W = T + 1) gives n - 1 (input, target) positions;
+# the targets that are prompt tokens are -100 (IGNORE_INDEX), so the loss counts the completion only.
+# Packed, several examples share a row, each with its own positions (from 0) and segment id (1, 2, ...),
+# attending only to itself; the rest of a row is padding (segment 0, targets -100). Padded, each row holds
+# one example: causal attention alone keeps its positions from seeing the padding after it.
+
+IGNORE_INDEX = -100  # gpt2jax.model's: targets that do not count
+
+
+def example_positions(index_Nx4: np.ndarray, block_size: int) -> np.ndarray:
+    """Positions (input, target pairs) each example fills in a row: its tokens, cut to block_size + 1, less one."""
+    return np.minimum(index_Nx4[:, 2], block_size + 1) - 1
+
+
+def pack(lengths: np.ndarray, block_size: int, seed: int) -> list[np.ndarray]:
+    """Rows of example indices whose lengths fit in block_size positions: best-fit decreasing (each example,
+    longest first, goes to the fullest row it fits; ties broken by a seeded permutation), which leaves about
+    as little padding as packing can while keeping every example whole."""
+    order = np.random.default_rng([seed, 1]).permutation(len(lengths))
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    open_by_room: list[list[int]] = [[] for _ in range(block_size + 1)]  # rows by the positions they have left
+    room_count = np.zeros(block_size + 1, np.int64)
+    for example in order:
+        length = int(lengths[example])
+        fits = np.flatnonzero(room_count[length:])
+        if len(fits):
+            room = length + int(fits[0])
+            row = open_by_room[room].pop()
+            room_count[room] -= 1
+        else:
+            room, row = block_size, len(rows)
+            rows.append([])
+        rows[row].append(int(example))
+        open_by_room[room - length].append(row)
+        room_count[room - length] += 1
+    return [np.asarray(row) for row in rows]
+
+
+def example_rows(tokens: np.ndarray, index_Nx4: np.ndarray, rows: list[np.ndarray], block_size: int, pad_id: int,
+                 packed: bool) -> dict[str, np.ndarray]:
+    """(len(rows), T) int32 "inputs" and "targets" (-100 on prompts and padding) of the rows, each a list of
+    examples; packed rows also carry each example's "positions" and "segments"."""
+    T = block_size
+    out = {"inputs": np.full((len(rows), T), pad_id, np.int32),
+           "targets": np.full((len(rows), T), IGNORE_INDEX, np.int32)}
+    if packed:
+        out.update(positions=np.zeros((len(rows), T), np.int32), segments=np.zeros((len(rows), T), np.int32))
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, example in enumerate(members, 1):
+            start, prompt, length, _ = index_Nx4[example]
+            ids = np.asarray(tokens[start: start + min(length, T + 1)], np.int32)
+            n = len(ids) - 1
+            out["inputs"][r, at: at + n] = ids[:-1]
+            out["targets"][r, at + prompt - 1: at + n] = ids[prompt:]  # the completion (and EOS) only
+            if packed:
+                out["positions"][r, at: at + n] = np.arange(n)
+                out["segments"][r, at: at + n] = segment
+            at += n
+    return out
+
+
+class ExampleSampler:
+    """Training batches of task examples as a pure function of (seed, step, placement), as `BatchSampler`'s
+    are: the examples are laid in rows once (packed, or one per row), and epoch e visits the rows in the
+    order of a permutation seeded by (seed, e); the global batch of step s is rows s*G ... s*G + G - 1 of
+    that endless sequence, each process reading its contiguous slice."""
+
+    def __init__(self, tokens: np.ndarray, index_Nx4: np.ndarray, block_size: int, global_batch_size: int, seed: int,
+                 placement: Placement = Placement(), packed: bool = True, pad_id: int = 0):
+        self.rows = placement.rows(global_batch_size)
+        if len(index_Nx4) == 0:
+            raise UserError("the train split has no examples; lower data.val_fraction or add examples")
+        self.tokens, self.index, self.block_size, self.seed = tokens, index_Nx4, block_size, seed
+        self.global_batch_size, self.local_device_count = global_batch_size, placement.local_device_count
+        self.packed, self.pad_id = packed, pad_id
+        lengths = example_positions(index_Nx4, block_size)
+        self.layout = pack(lengths, block_size, seed) if packed else [np.array([i]) for i in range(len(index_Nx4))]
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.layout))}
+        return self._orders[epoch]
+
+    def global_rows(self, step: int) -> list[np.ndarray]:
+        """The rows (lists of examples) of the global batch of `step`."""
+        positions = step * self.global_batch_size + np.arange(self.global_batch_size)
+        R = len(self.layout)
+        return [self.layout[self._order(int(p // R))[p % R]] for p in positions]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        batch = example_rows(self.tokens, self.index, self.global_rows(step)[self.rows], self.block_size,
+                             self.pad_id, self.packed)
+        return {name: x.reshape(self.local_device_count, -1, self.block_size) for name, x in batch.items()}
+
+    def describe(self) -> str:
+        """One line for the start of a run: how the examples fill the rows."""
+        lengths = example_positions(self.index, self.block_size)
+        prompts = np.minimum(self.index[:, 1], lengths + 1) - 1
+        positions = len(self.layout) * self.block_size
+        cut = int(np.sum(self.index[:, 2] > self.block_size + 1))
+        how = "packed" if self.packed else "one per row, padded"
+        return (f"data: {len(self.index):,} train examples in {len(self.layout):,} rows of {self.block_size} ({how}): "
+                f"{lengths.sum() / positions:.1%} of positions filled, {(lengths - prompts).sum() / positions:.1%} "
+                f"counted (completions)" + (f"; {cut:,} examples cut to block_size + 1 tokens" if cut else ""))
+
+
+def example_validation_batches(tokens: np.ndarray, index_Nx4: np.ndarray, block_size: int, global_batch_size: int,
+                               num_batches: int, placement: Placement = Placement(), packed: bool = True,
+                               pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """The fixed validation set of task examples: their rows (packed as training packs them, or one per row) in
+    order, at most num_batches global batches, the last filled with empty rows (nothing counted)."""
+    rows = placement.rows(global_batch_size)
+    if len(index_Nx4) == 0:
+        raise UserError("the val split has no examples; raise data.val_fraction or add examples")
+    lengths = example_positions(index_Nx4, block_size)
+    layout = pack(lengths, block_size, seed=0) if packed else [np.array([i]) for i in range(len(index_Nx4))]
+    layout = layout[: num_batches * global_batch_size]
+    layout += [np.zeros(0, np.int64)] * (-len(layout) % global_batch_size)
+    batches = []
+    for first in range(0, len(layout), global_batch_size):
+        batch = example_rows(tokens, index_Nx4, layout[first: first + global_batch_size][rows], block_size, pad_id,
+                             packed)
+        batches.append({k: x.reshape(placement.local_device_count, -1, block_size) for k, x in batch.items()})
+    return batches
+
+
+def for_run(store: Any, data: Any, train: Any, placement: Placement) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    """(sampler, validation batches) of a run: windows of text bins, or rows of task examples (a store with
+    an `index`, gpt2jax.examples), as the run's `data` and `train` groups say."""
+    T, eval_batch = data.block_size, train.global_batch_size // train.grad_accum_steps
+    no_val = data.val_fraction == 0
+    if not hasattr(store, "index"):
+        sampler = BatchSampler(store.tokens("train"), T, train.global_batch_size, train.seed, placement)
+        val = [] if no_val else validation_batches(store.tokens("val"), T, eval_batch, train.eval_batches, placement)
+        return sampler, val
+    rows = dict(packed=data.packing, pad_id=store.meta["eos_token_id"])
+    sampler = ExampleSampler(store.tokens("train"), store.index("train"), T, train.global_batch_size, train.seed,
+                             placement, **rows)
+    val = [] if no_val else example_validation_batches(store.tokens("val"), store.index("val"), T, eval_batch,
+                                                        train.eval_batches, placement, **rows)
+    return sampler, val

@@ -87,7 +87,11 @@ def add_train(commands: Any) -> None:
 def add_eval(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run or HF model")
     add_model_source(evaluate)
-    evaluate.add_argument("--data", help="a text file (default: the run's validation split)")
+    evaluate.add_argument("--data", help="a text file, or a .jsonl/.json/.parquet/.arrow file of prompt/completion "
+                          "rows (loss on the completions) (default: the run's validation split)")
+    evaluate.add_argument("--prompt-column", help="--data rows: the prompt column (default: the run's, or 'prompt')")
+    evaluate.add_argument("--completion-column",
+                          help="--data rows: the completion column (default: the run's, or 'completion')")
     evaluate.add_argument("--block-size", type=positive_int, help="tokens per window (default: the run's block size, or n_positions)")
     evaluate.add_argument("--batch-size", type=positive_int, default=8)
     evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most this many batches")
@@ -174,9 +178,7 @@ def run_prepare(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     bins = prepare(config.data, progress=sys.stderr.isatty())
-    splits = ", ".join(f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents"
-                       for name, s in bins.meta["splits"].items())
-    print(f"{bins.directory}: {splits}")
+    print(f"{bins.directory}: {bins.summary()}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -210,9 +212,12 @@ def run_eval(args: argparse.Namespace) -> None:
     from gpt2jax.evaluate import evaluate
 
     source, result = evaluate(args.run, args.model, args.step, args.data, args.tokenizer, args.block_size,
-                              args.batch_size, args.max_batches)
+                              args.batch_size, args.max_batches, args.prompt_column, args.completion_column)
+    counted = f"{result['tokens']:,} tokens"
+    if "examples" in result:
+        counted += f" of {result['examples']:,} completions"
     print(f"{source}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+          f"bits/byte {result['bits_per_byte']:.4f}  ({counted})")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ this process on `data.num_proc` threads (tiktoken encodes without the GIL; nothi
 is unsafe once JAX runs threads), puts EOT after every document, splits train/val by a stable hash of
 each document's text, and writes `train.bin`, `val.bin` and `meta.json` atomically into a cache
 directory keyed by what produced them. Bins that no longer match the sizes and checksums in their
-meta.json are rebuilt.
+meta.json are rebuilt. `data.format="prompt_completion"` prepares task examples instead (gpt2jax.examples),
+with the same cache rules.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import numpy as np
 from gpt2jax.batches import check_one_window
 from gpt2jax.errors import UserError
 from gpt2jax.rundir import write_json
-from gpt2jax.sources import SAMPLE_BY, describe, load_documents, source_fingerprint
+from gpt2jax.sources import FORMATS, SAMPLE_BY, data_format, describe, load_documents, source_fingerprint
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2  # of meta.json: 2 added "files" (each bin's bytes and checksum); format-1 bins are upgraded
 _LAYOUT_VERSION = 1  # of the bins' bytes, part of the directory key: unchanged by format 2, so format-1 bins are found
 CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16
+BIN_FILES = ("train.bin", "val.bin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,11 @@ class TokenBins:
         and the token counts. A run records it with every checkpoint, so it cannot resume on other data."""
         recorded = {"files": self.meta.get("files"), "splits": self.meta.get("splits")}
         return hashlib.blake2b(json.dumps(recorded, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+    def summary(self) -> str:
+        """What `gpt2jax prepare` says of the bins: each split's tokens and documents."""
+        return ", ".join(f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents"
+                         for name, s in self.meta["splits"].items())
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's tokens, memory-mapped read-only."""
@@ -97,36 +104,38 @@ def bin_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
-def _bin_records(directory: str) -> dict[str, dict]:
-    """What meta.json records of each bin to check it on reuse."""
-    paths = {name: os.path.join(directory, name) for name in ("train.bin", "val.bin")}
+def _bin_records(directory: str, names: tuple[str, ...] = BIN_FILES) -> dict[str, dict]:
+    """What meta.json records of each file to check it on reuse."""
+    paths = {name: os.path.join(directory, name) for name in names}
     return {name: {"bytes": os.path.getsize(path), "blake2b_sampled": bin_checksum(path)}
             for name, path in paths.items()}
 
 
 def _damage(bins: TokenBins) -> str | None:
-    """What is wrong with the bins on disk, against their meta.json (format 1: token counts only); None if nothing."""
-    for split in ("train", "val"):
-        path = os.path.join(bins.directory, f"{split}.bin")
-        recorded = bins.meta.get("files", {}).get(f"{split}.bin", {})
-        expected = recorded.get("bytes", bins.num_tokens(split) * bins.dtype.itemsize)
+    """What is wrong with the files on disk, against their meta.json (format 1: token counts only); None if
+    nothing."""
+    files = bins.meta.get("files", {})
+    for name in dict.fromkeys(BIN_FILES + tuple(files)):
+        path = os.path.join(bins.directory, name)
+        recorded = files.get(name, {})
+        expected = recorded.get("bytes", bins.num_tokens(name.split(".")[0]) * bins.dtype.itemsize)
         if not os.path.isfile(path):
-            return f"{split}.bin is missing"
+            return f"{name} is missing"
         if os.path.getsize(path) != expected:
-            return f"{split}.bin is {os.path.getsize(path):,} bytes, meta.json says {expected:,}"
+            return f"{name} is {os.path.getsize(path):,} bytes, meta.json says {expected:,}"
         if "blake2b_sampled" in recorded and bin_checksum(path) != recorded["blake2b_sampled"]:
-            return f"{split}.bin changed since it was written (checksum mismatch)"
+            return f"{name} changed since it was written (checksum mismatch)"
     return None
 
 
-def _reuse(directory: str) -> TokenBins | None:
-    """The finished bins in `directory` if they still match their meta.json. Damaged ones (a cache) lose
-    their meta.json, with one line on stderr, so that they are rebuilt; UserError if that is impossible."""
+def reuse_store(directory: str, store: type[TokenBins] = TokenBins) -> TokenBins | None:
+    """The finished bins (a `store`) in `directory` if they still match their meta.json. Damaged ones (a cache)
+    lose their meta.json, with one line on stderr, so that they are rebuilt; UserError if that is impossible."""
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.lexists(meta_path):
         return None
     try:
-        bins = TokenBins(directory, _read_json(meta_path))
+        bins = store(directory, _read_json(meta_path))
         damage = _damage(bins)
     except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
         damage = f"meta.json is unreadable ({describe(e)})"
@@ -184,7 +193,14 @@ def _check_settings(data: ml_collections.ConfigDict) -> None:
         "data.cache_dir must name a directory": not (isinstance(data.cache_dir, str) and data.cache_dir.strip()),
         f"data.text_sample_by={data.get('text_sample_by')!r} is not one of {', '.join(SAMPLE_BY)}":
             data.get("text_sample_by", "paragraph") not in SAMPLE_BY,
+        f"data.format={data_format(data)!r} is not one of {', '.join(map(repr, FORMATS))}":
+            data_format(data) not in FORMATS,
     }
+    if data_format(data) == "prompt_completion":
+        for key in ("prompt_column", "completion_column"):
+            problems[f"data.{key} must name a column"] = not (isinstance(data[key], str) and data[key].strip())
+        problems["data.prompt_column and data.completion_column name the same column"] = \
+            data.prompt_column == data.completion_column
     for problem, failed in problems.items():
         if failed:
             raise UserError(problem)
@@ -198,24 +214,40 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = True) -> TokenB
     dataset, or a split shorter than one window of block_size + 1.
     """
     _check_settings(data)
+    if data_format(data) == "prompt_completion":
+        from gpt2jax.examples import prepare_examples
+
+        return prepare_examples(data, progress)
     tokenizer = _load_tokenizer(data.tokenizer)
     source = source_fingerprint(data)
     directory = bins_directory(data, source)
-    bins = _reuse(directory)
+    bins = reuse_store(directory)
     if bins is None:
-        return _build(data, source, tokenizer, directory, progress)
+        return build_store(data, source, tokenizer, directory, progress)
     check_windows(bins, data.block_size)
     return bins
 
 
-def _build(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, directory: str,
-           progress: bool) -> TokenBins:
+@dataclasses.dataclass(frozen=True)
+class StoreFormat:
+    """What a prepared store is made of: its files, the store class, and the function that writes them."""
+
+    files: tuple[str, ...]
+    store: type[TokenBins]
+    write: Callable[..., dict]  # (batches, tokenizer, data, dtype, temporary paths) -> the splits' counts
+    meta: dict  # what meta.json records besides the common fields
+
+
+def build_store(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, directory: str,
+           progress: bool, layout: StoreFormat | None = None) -> TokenBins:
+    """Write the store `layout` describes (default: text bins) into `directory`, all or nothing."""
+    layout = layout or StoreFormat(BIN_FILES, TokenBins, _write_bins, {})
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise UserError(f"data.cache_dir={data.cache_dir!r}: cannot create {directory} ({describe(e)})") from None
     _remove_abandoned(directory)
-    temporary = {name: os.path.join(directory, f"{name}.tmp-{os.getpid()}") for name in ("train.bin", "val.bin", "hf")}
+    temporary = {name: os.path.join(directory, f"{name}.tmp-{os.getpid()}") for name in layout.files + ("hf",)}
     meta_path = os.path.join(directory, "meta.json")
     try:
         documents = load_documents(data, source, temporary["hf"], progress)
@@ -223,14 +255,15 @@ def _build(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, 
             raise UserError(f"data.dataset={data.dataset!r} has no documents")
         dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
         try:
-            counts = _write_bins(_batches(documents, progress), tokenizer, data, dtype, temporary)
+            counts = layout.write(_batches(documents, progress), tokenizer, data, dtype, temporary)
             meta = {"tokenizer": data.tokenizer, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                     "dtype": dtype.name, "source": source, "val_fraction": data.val_fraction, "splits": counts,
-                    "format_version": FORMAT_VERSION}
-            check_windows(TokenBins(directory, meta), data.block_size)
-            for name in ("train.bin", "val.bin"):
+                    "format_version": FORMAT_VERSION, **layout.meta}
+            if layout.store is TokenBins:
+                check_windows(TokenBins(directory, meta), data.block_size)
+            for name in layout.files:
                 os.replace(temporary[name], os.path.join(directory, name))
-            write_json(meta_path, {**meta, "files": _bin_records(directory)})
+            write_json(meta_path, {**meta, "files": _bin_records(directory, layout.files)})
         except UnicodeDecodeError as e:
             raise UserError(f"data.dataset={data.dataset!r}: a document is not valid UTF-8 ({describe(e)})") from None
         except OSError as e:
@@ -240,7 +273,7 @@ def _build(data: ml_collections.ConfigDict, source: dict, tokenizer: Tokenizer, 
             _remove(path)
         if not os.path.isfile(meta_path) and os.path.isdir(directory) and not os.listdir(directory):
             os.rmdir(directory)
-    return TokenBins(directory, _read_json(meta_path))
+    return layout.store(directory, _read_json(meta_path))
 
 
 def _write_bins(batches: Iterator[dict], tokenizer: Tokenizer, data: ml_collections.ConfigDict, dtype: np.dtype,
@@ -250,7 +283,7 @@ def _write_bins(batches: Iterator[dict], tokenizer: Tokenizer, data: ml_collecti
     texts = (text for batch in batches for text in batch["text"])
     with open(paths["train.bin"], "wb") as train_file, open(paths["val.bin"], "wb") as val_file:
         files = {"train": train_file, "val": val_file}
-        for text, ids in _encoded(texts, tokenizer.encode, data.num_proc):
+        for text, ids in encoded(texts, tokenizer.encode, data.num_proc):
             split = "val" if in_validation(text, data.val_fraction) else "train"
             files[split].write(np.asarray(ids + [tokenizer.eos_token_id], dtype).tobytes())
             counts[split]["tokens"] += len(ids) + 1
@@ -258,7 +291,7 @@ def _write_bins(batches: Iterator[dict], tokenizer: Tokenizer, data: ml_collecti
     return counts
 
 
-def _encoded(texts: Iterator[str], encode: Callable[[str], list[int]], threads: int,
+def encoded(texts: Iterator[str], encode: Callable[[str], list[int]], threads: int,
              chunk: int = 16) -> Iterator[tuple[str, list[int]]]:
     """(text, encode(text)) in order, encoded by `threads` threads in chunks of documents, a bounded window ahead."""
     with ThreadPoolExecutor(threads) as pool:
@@ -308,13 +341,13 @@ def check_windows(bins: TokenBins, block_size: int) -> None:
 
 
 def _batches(dataset: Any, progress: bool) -> Iterator[dict]:
-    """The documents in batches of {"text": [...]}."""
+    """The rows in batches of {column: [...]}."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(dataset), desc="tokenizing", unit="doc", disable=not progress) as bar:
+    with tqdm(total=len(dataset), desc="tokenizing", unit="row", disable=not progress) as bar:
         for batch in dataset.iter(batch_size=256):
             yield batch
-            bar.update(len(batch["text"]))
+            bar.update(len(next(iter(batch.values()))))
 
 
 def _read_json(path: str) -> dict:

@@ -1,4 +1,5 @@
-"""Loss, perplexity and bits per byte of a model on a run's validation split or a text file.
+"""Loss, perplexity and bits per byte of a model on a run's validation split, a text file, or a file of
+prompt/completion rows (a task: the completions' tokens alone count, gpt2jax.examples).
 
 Legend (the package's, gpt2jax/__init__.py): B windows per batch, T block size, W = T + 1 tokens per window.
 """
@@ -12,13 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import perf
-from gpt2jax.batches import check_one_window
+from gpt2jax import examples, perf
+from gpt2jax.batches import check_one_window, example_rows
 from gpt2jax.batches import windows as batch_windows
 from gpt2jax.errors import UserError
 from gpt2jax.model import next_token_loss
 from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train import rows_loss_sum_and_count
+
+EXAMPLE_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # --data files read as prompt/completion rows
 
 
 def evaluate_tokens(
@@ -48,9 +52,12 @@ def evaluate_tokens(
         batch_BxW = batch_windows(used, starts[i : i + batch_size], block_size)
         loss = loss_fn(model.params, jnp.asarray(batch_BxW[:, :-1]), jnp.asarray(batch_BxW[:, 1:]))
         total += float(loss) * len(batch_BxW)
-    loss = total / windows
-    targets = used[1:]
-    byte_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(model.config.vocab_size)])
+    return _metrics(total / windows, used[1:], tokenizer, model.config.vocab_size)
+
+
+def _metrics(loss: float, targets: np.ndarray, tokenizer: Tokenizer, vocab_size: int) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of the `targets` a mean loss was taken over."""
+    byte_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(vocab_size)])
     n_bytes = int(byte_lengths[targets].sum())
     return {
         "loss": loss,
@@ -60,16 +67,67 @@ def evaluate_tokens(
     }
 
 
+def evaluate_examples(model: GPT2LMHeadModel, tokenizer: Tokenizer, tokens: np.ndarray, index: np.ndarray,
+                      block_size: int, batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
+    """The loss over the completion tokens (and EOS) of task examples (gpt2jax.examples' records), each alone in
+    a row of block_size (cut to block_size + 1 tokens, as training cuts them): the sum over those tokens
+    divided by their number, so long completions weigh as much per token as short ones."""
+    if block_size > model.config.n_positions:
+        raise UserError(f"block size {block_size} exceeds the model's n_positions={model.config.n_positions}")
+    index = index if max_batches is None else index[: max_batches * batch_size]
+    if len(index) == 0:
+        raise UserError("there are no examples to evaluate (a run trained with data.val_fraction=0 holds none out: "
+                        "pass --data FILE)")
+    perf.check_fits(model.config, min(batch_size, len(index)), block_size, train=False,
+                    what=f"evaluating in batches of {batch_size}")
+    if tokens[: index[-1, 0] + index[-1, 2]].max() >= model.config.vocab_size:
+        raise UserError(f"the data has token id {tokens.max()} but the model's vocab_size is {model.config.vocab_size}")
+    loss_fn = jax.jit(lambda params, rows: rows_loss_sum_and_count(model.module, params, rows))
+    total, count, counted = 0.0, 0, []
+    for first in range(0, len(index), batch_size):
+        members = [np.array([i]) for i in range(first, min(first + batch_size, len(index)))]
+        members += [np.zeros(0, np.int64)] * (batch_size - len(members))  # one compiled shape
+        rows = example_rows(tokens, index, members, block_size, tokenizer.eos_token_id, packed=False)
+        loss_sum, n = loss_fn(model.params, {k: jnp.asarray(v) for k, v in rows.items()})
+        total, count = total + float(loss_sum), count + int(n)
+        counted.append(rows["targets"][rows["targets"] >= 0])
+    return {**_metrics(total / count, np.concatenate(counted), tokenizer, model.config.vocab_size),
+            "examples": len(index)}
+
+
 def evaluate(
     run: str | None, model_dir: str | None, step: str | None, data: str | None, tokenizer_name: str | None,
-    block_size: int | None, batch_size: int, max_batches: int | None,
+    block_size: int | None, batch_size: int, max_batches: int | None, prompt_column: str | None = None,
+    completion_column: str | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """`gpt2jax eval`: (what was evaluated, its metrics) for a run (default data: its val split) or an HF dir."""
+    """`gpt2jax eval`: (what was evaluated, its metrics) for a run (default data: its val split) or an HF dir.
+    `data`: a text file, or a .jsonl / .json / .parquet / .arrow file of prompt/completion rows (the run's
+    columns, or `prompt_column` / `completion_column`, default "prompt" and "completion")."""
     from gpt2jax.textgen import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(run, model_dir, step, tokenizer_name)
     run_data = model.run_config["data"] if run else None
     block = block_size or (run_data["block_size"] if run_data else model.config.n_positions)
+    task_run = run_data is not None and run_data.get("format") == "prompt_completion"
+    if data and os.path.splitext(data)[1] in EXAMPLE_FILES:
+        if not os.path.isfile(data):
+            raise UserError(f"{data}: no such file")
+        settings = examples.eval_config(run_data, prompt_column, completion_column,
+                                        run_data["tokenizer"] if run_data else tokenizer_name or "model", block)
+        tokens, index = examples.read_examples(os.path.abspath(data), settings, tokenizer)
+        return data, evaluate_examples(model, tokenizer, tokens, index, block, batch_size, max_batches)
+    if prompt_column or completion_column:
+        raise UserError("--prompt-column and --completion-column read --data files of rows "
+                        f"({', '.join(EXAMPLE_FILES)})")
+    if task_run and not data:
+        import ml_collections
+
+        from gpt2jax.data import prepare
+
+        store = prepare(ml_collections.ConfigDict(run_data), progress=False)
+        return (f"{run} val split (completions)",
+                evaluate_examples(model, tokenizer, store.tokens("val"), store.index("val"), block, batch_size,
+                                  max_batches))
     if data:
         needed = None if max_batches is None else max_batches * batch_size * block + 1
         tokens, source = text_file_tokens(data, tokenizer, needed), data

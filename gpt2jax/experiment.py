@@ -25,6 +25,7 @@ from ml_collections import config_dict
 from gpt2jax import rundir
 from gpt2jax.config import ARCHITECTURE, DTYPES, MODEL_SIZES, RUNTIME_FIELDS, GPT2Config, check_int_range
 from gpt2jax.errors import UserError
+from gpt2jax.sources import FORMATS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dataset = "pystdlib"  # "pystdlib", a local file / directory / glob, or a Hugging Face hub dataset name
     c.data.dataset_config = config_dict.placeholder(str)  # hub dataset config name, if it has several
     c.data.split = "train"  # hub split (or split expression) to read
+    c.data.format = "text"  # "text": documents, every token counted; "prompt_completion": task examples (below)
     c.data.text_column = "text"  # column holding the text (.jsonl, .parquet, .arrow, hub)
+    c.data.prompt_column = "prompt"  # prompt_completion: the column of prompts (not counted in the loss)
+    c.data.completion_column = "completion"  # prompt_completion: the column of completions (the loss counts these)
+    c.data.packing = True  # prompt_completion: several examples per row, each attending to itself; False: one, padded
     c.data.text_sample_by = "paragraph"  # .txt documents: "document" (a file), "paragraph" or "line"
     c.data.tokenizer = "gpt2"  # "gpt2", "byte", or a Hugging Face tokenizer directory
     c.data.block_size = 1024  # tokens per training sequence (T)
@@ -232,6 +237,8 @@ def validate_experiment(config: ml_collections.ConfigDict, device_count: int, re
     if t.global_batch_size % (device_count * t.grad_accum_steps):
         raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by {device_count} devices x "
                         f"train.grad_accum_steps={t.grad_accum_steps}")
+    if d.format not in FORMATS:
+        raise UserError(f"data.format={d.format!r} is not one of {', '.join(map(repr, FORMATS))}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if d.dataset != "pystdlib" and d.dataset.startswith((".", "/", "~")) and not glob.glob(os.path.expanduser(d.dataset)):

@@ -34,11 +34,18 @@ class RunLog:
             if isinstance(value, (int, float)):  # not labels such as mfu_peak
                 self._tb.add_scalar(f"{split}/{name}", value, step)
 
-    def sample(self, step: int, prompt: str, text: str) -> None:
+    def sample(self, step: int, prompt: str, text: str, reference: str | None = None) -> None:
+        """A sample: `text` generated after `prompt`; for a task, a held-out prompt's `reference` completion."""
         if not self.enabled:
             return
-        _append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), {"step": step, "prompt": prompt, "text": text})
-        self._tb.add_text("sample", f"```\n{prompt}{text}\n```", step)
+        record = {"step": step, "prompt": prompt, "text": text}
+        if reference is not None:
+            record["reference"] = reference
+        _append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), record)
+        shown = f"```\n{prompt}{text}\n```"
+        if reference is not None:
+            shown += f"\n\nreference:\n```\n{prompt}{reference}\n```"
+        self._tb.add_text("sample", shown, step)
 
     def hparams(self, flat_config: dict[str, Any], final: dict[str, float]) -> None:
         if self.enabled:

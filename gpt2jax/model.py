@@ -135,8 +135,10 @@ class Attention(GPT2Part):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, *, train: bool,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """`mask_BxS` marks real keys (1) and padding (0), None when nothing is padded.
+                 cache: KVCache | None = None,
+                 segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`mask_BxS` marks real keys (1) and padding (0), None when nothing is padded; `segment_ids_BxT` the
+        packed examples of each row (see `gpt2jax.attention.attend`).
 
         The probabilities are materialised when dropout applies to them, and when the "attentions"
         collection is mutable, which then receives them ((B, H, T, S) float32, as HF's `attentions`)."""
@@ -158,7 +160,8 @@ class Attention(GPT2Part):
         weights = self.is_mutable_collection("attentions")
         dropout_rng = self.make_rng("dropout") if train and cfg.attn_pdrop > 0 else None
         out_BxTxHxK, probs_BxHxTxS = attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxS, positions_BxT, config=cfg,
-                                           cache_index=cache_index, dropout_rng=dropout_rng, weights=weights)
+                                           cache_index=cache_index, dropout_rng=dropout_rng, weights=weights,
+                                           segment_ids_BxT=segment_ids_BxT)
         if probs_BxHxTxS is not None:
             self.sow("attentions", "weights", probs_BxHxTxS)
         y_BxTxD = Linear(cfg, D, residual=True, name="c_proj")(
@@ -183,10 +186,11 @@ class Block(GPT2Part):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, train: bool,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None,
+                 segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         attention = Attention(self.config, name="attn")
         attn_BxTxD, cache = attention(_layer_norm(self.config, "ln_1")(x_BxTxD), mask_BxS, positions_BxT,
-                                      train=train, cache=cache)
+                                      train=train, cache=cache, segment_ids_BxT=segment_ids_BxT)
         x_BxTxD = x_BxTxD + attn_BxTxD
         mlp = MLP(self.config, name="mlp")
         x_BxTxD = x_BxTxD + mlp(_layer_norm(self.config, "ln_2")(x_BxTxD), train=train)
@@ -200,13 +204,13 @@ class Blocks(GPT2Part):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, mask_BxS: jax.Array | None, positions_BxT: jax.Array, train: bool,
-                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None, segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         block = nn.remat(Block, static_argnums=(4,)) if self.config.gradient_checkpointing else Block  # self is 0
         new_cache = []
         for i in range(self.config.n_layer):
             self.sow("hidden_states", "states", x_BxTxD)
             x_BxTxD, layer_cache = block(self.config, name=str(i))(x_BxTxD, mask_BxS, positions_BxT, train,
-                                                                   None if cache is None else cache[i])
+                                                                   None if cache is None else cache[i], segment_ids_BxT)
             new_cache.append(layer_cache)
         return x_BxTxD, None if cache is None else Cache(tuple(new_cache))
 
@@ -237,6 +241,7 @@ class GPT2Module(GPT2Part):
         cache: Cache | None = None,
         inputs_embeds_BxTxD: jax.Array | None = None,
         token_type_ids_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Hidden states after `ln_f`, and the updated cache.
 
@@ -245,7 +250,9 @@ class GPT2Module(GPT2Part):
         path that fused kernels take, see `gpt2jax.attention`). `position_ids_BxT` default to
         `cache.index + arange(T)`.
         `inputs_embeds_BxTxD` replace the token embeddings; `token_type_ids_BxT` add theirs (from `wte`, as
-        GPT-2 does). With the "hidden_states" collection mutable it receives HF's `hidden_states`: the
+        GPT-2 does). `segment_ids_BxT` packs several examples in a row, each attending only to itself (pass each
+        example's own positions as `position_ids_BxT`; no cache, no `attention_mask_BxS`: padding is a segment of
+        its own). With the "hidden_states" collection mutable it receives HF's `hidden_states`: the
         input of every block, then the output of `ln_f`."""
         B, T = (input_ids_BxT if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD).shape[:2]
         offset = 0 if cache is None else cache.index
@@ -257,7 +264,7 @@ class GPT2Module(GPT2Part):
             if token_type_ids_BxT is not None:
                 x_BxTxD = x_BxTxD + self.embed(self.wte, token_type_ids_BxT)
             x_BxTxD = self.drop(x_BxTxD, deterministic=not train)
-            x_BxTxD, cache = self.h(x_BxTxD, attention_mask_BxS, position_ids_BxT, train, cache)
+            x_BxTxD, cache = self.h(x_BxTxD, attention_mask_BxS, position_ids_BxT, train, cache, segment_ids_BxT)
             h_BxTxD = self.ln_f(x_BxTxD)
             self.sow("hidden_states", "states", h_BxTxD)
             return h_BxTxD, cache
@@ -290,7 +297,8 @@ class GPT2LMHeadModule(GPT2Part):
 
     def __call__(self, input_ids_BxT: jax.Array | None, attention_mask_BxS: jax.Array | None = None,
                  position_ids_BxT: jax.Array | None = None, **options: Any) -> tuple[jax.Array, Cache | None]:
-        """`GPT2Module`'s arguments (`options`: train, cache, inputs_embeds_BxTxD, token_type_ids_BxT), and
+        """`GPT2Module`'s arguments (`options`: train, cache, inputs_embeds_BxTxD, token_type_ids_BxT,
+        segment_ids_BxT), and
         the float32 logits (B, T, V) in place of the hidden states."""
         h_BxTxD, cache = self.transformer(input_ids_BxT, attention_mask_BxS, position_ids_BxT, **options)
         return self.transformer.logits(h_BxTxD), cache
@@ -315,10 +323,15 @@ def lm_loss_sum_and_count(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> tup
 
     Hugging Face semantics: logits at t predict labels at t + 1; labels equal to -100 do not count.
     """
-    logits_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32)
-    targets_BxT = labels_BxT[:, 1:]
+    return target_loss_sum_and_count(logits_BxTxV[:, :-1], labels_BxT[:, 1:])
+
+
+def target_loss_sum_and_count(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy (float32) of already-shifted targets (logits at t predict targets at t) and the number
+    of targets counted: those equal to -100 (IGNORE_INDEX: prompts and padding in task fine-tuning) do not count."""
     counted_BxT = targets_BxT != IGNORE_INDEX
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, jnp.where(counted_BxT, targets_BxT, 0))
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
+                                                                 jnp.where(counted_BxT, targets_BxT, 0))
     return jnp.sum(jnp.where(counted_BxT, losses_BxT, 0.0)), jnp.sum(counted_BxT)
 
 

@@ -2,7 +2,7 @@
 
 - "pmap" (the default, the design's step): every device holds the whole train state, float32 parameters,
   AdamW's two moments and the gradients (16 bytes per parameter), and `jax.pmap` runs `train.train_step` on
-  each device's slice of the batch, averaging gradients with `lax.pmean`.
+  each device's slice of the batch, summing its share of the gradients with `lax.psum`.
 - "fsdp": the same `train.train_step` jitted over a `Mesh(("data", "fsdp"))`, `train.fsdp_size` devices
   sharing one copy of the state (default: all of them). Each parameter, its gradient and its Adam moments
   are split over "fsdp" along their largest dimension that divides (replicated where none does), the
@@ -65,7 +65,7 @@ class Layout:
     parallelism: str  # "pmap" or "fsdp"
     mesh: Mesh | None  # fsdp's ("data", "fsdp") mesh; None under pmap
     train_step: Callable  # compiled: (device state, device batch) -> (device state, metrics); the state donated
-    eval_step: Callable  # compiled: (device params, device batch) -> mean loss
+    eval_step: Callable  # compiled: (device params, device batch) -> (summed loss, counted targets)
 
     @property
     def fsdp_size(self) -> int:
@@ -80,9 +80,11 @@ class Layout:
         with self.context():
             return self.train_step(state, batch)
 
-    def evaluate(self, params: Any, batch: dict[str, jax.Array]) -> float:
+    def evaluate(self, params: Any, batch: dict[str, jax.Array]) -> tuple[float, int]:
+        """(summed loss, counted targets) of one global batch."""
         with self.context():
-            return first_copy(self.eval_step(params, batch))
+            loss_sum, count = self.eval_step(params, batch)
+        return first_copy(loss_sum), int(first_copy(count))
 
     @property
     def rows(self) -> NamedSharding:

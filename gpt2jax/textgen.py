@@ -1,13 +1,14 @@
-"""Text in, text out: what `gpt2jax sample` does, as library functions."""
+"""Text in, text out: what `gpt2jax sample` does, and the samples a training run logs, as library functions."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
+from gpt2jax.config import GPT2Config
 from gpt2jax.errors import UserError
 from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.tokenizer import ByteTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
@@ -92,3 +93,56 @@ def sample(
         completions.append(tokenizer.decode(new_ids, skip_special_tokens=True, unknown="replace"))
         out.write(completions[-1][len(shown):] + "\n")
     return completions
+
+
+HELD_OUT_SAMPLES = 3  # held-out prompts a task fine-tuning run completes at each sample step
+
+
+def training_samples(model: GPT2Config, params: Any, tokenizer: Tokenizer, store: Any, train: Any,
+                     seed: int) -> list[dict[str, str]]:
+    """What a run logs at a sample step: a sample after train.sample_prompt, or for task examples (a store with
+    an `index`, gpt2jax.examples) the greedy completions of the first held-out prompts next to their
+    references (the train split's when nothing is held out)."""
+    if not hasattr(store, "index"):
+        return [{"prompt": train.sample_prompt, "text": sample_text(model, params, tokenizer, train, seed)}]
+    split = "val" if store.meta["splits"]["val"]["examples"] else "train"
+    return complete_examples(model, params, tokenizer, store.tokens(split), store.index(split)[:HELD_OUT_SAMPLES],
+                             train.sample_tokens)
+
+
+def sample_text(model: GPT2Config, params: Any, tokenizer: Tokenizer, train: Any, seed: int) -> str:
+    """A text sample from the current params (on this host), logged during training."""
+    prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eos_token_id]
+    new_tokens = min(train.sample_tokens, model.n_positions - len(prompt))
+    if new_tokens < 1:
+        return ""
+    lm = GPT2LMHeadModel(model, params=params)
+    ids = lm.generate(np.array([prompt]), max_new_tokens=new_tokens, do_sample=True, top_k=50, seed=seed,
+                      eos_token_id=-1)
+    return tokenizer.decode(ids[0, len(prompt):], unknown="replace")
+
+
+def complete_examples(model: GPT2Config, params: Any, tokenizer: Tokenizer, tokens: np.ndarray, index: np.ndarray,
+                      max_new_tokens: int) -> list[dict[str, str]]:
+    """{"prompt", "text", "reference"} for each example of `index` (gpt2jax.examples' records): its prompt, the
+    model's greedy completion up to EOS (at most max_new_tokens, and what n_positions leaves), and the
+    completion the data holds. Prompts are left-padded into one batch."""
+    prompts = [np.asarray(tokens[start: start + p]) for start, p, _, _ in index]
+    references = [np.asarray(tokens[start + p: start + n - 1]) for start, p, n, _ in index]  # less the EOS
+    width = max(len(p) for p in prompts)
+    new_tokens = min(max_new_tokens, model.n_positions - width)
+    if new_tokens < 1:
+        return []
+    eos = tokenizer.eos_token_id
+    ids = np.array([np.concatenate([np.full(width - len(p), eos), p]) for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    out = GPT2LMHeadModel(model, params=params).generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                         do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    decode = lambda x: tokenizer.decode([int(t) for t in x if t != eos], unknown="replace")
+    samples = []
+    for prompt, reference, row in zip(prompts, references, np.asarray(out)):
+        new = row[width:]
+        ended = np.flatnonzero(new == eos)
+        samples.append({"prompt": decode(prompt), "text": decode(new[: ended[0] if len(ended) else len(new)]),
+                        "reference": decode(reference)})
+    return samples

@@ -1,7 +1,8 @@
 """Training: TrainState, the optimizer, the pure train and eval steps, and their pmap placement.
 
 Data parallel with `jax.pmap(axis_name="batch")`: params replicated on every local device,
-each device takes its slice of the batch, gradients are averaged with `lax.pmean`. Gradient
+each device takes its slice of the batch, gradients are summed with `lax.psum` (each device's are
+its share of the global mean). Gradient
 accumulation scans over micro-batches inside the step, so the global batch does not depend on
 device memory. Multi-host runs start with `jax.distributed.initialize`; each process reads its
 own slice of every batch and process 0 alone writes logs. The same steps, jitted over a mesh with
@@ -25,7 +26,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2jax.model import GPT2LMHeadModule, next_token_loss
+from gpt2jax.model import IGNORE_INDEX, GPT2LMHeadModule, target_loss_sum_and_count
 
 
 @flax.struct.dataclass
@@ -84,35 +85,43 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the (B, T) rows of `batch`, in `grad_accum_steps` micro-batches.
 
+    `batch`: "inputs" and "targets" (targets of -100 do not count: prompts and padding, gpt2jax.examples), and
+    for packed examples their "positions" and "segments". The loss is the mean over the counted targets of the
+    whole global batch: every micro-batch's summed loss divided by the global count, summed over micro-batches
+    and devices, so neither accumulation nor the device count changes it (nor, with unevenly counted rows,
+    weights some tokens more than others).
+
     Under pmap (`axis_name="batch"`) the rows are one device's slice: its dropout keys are folded with the
-    device's index and the gradients averaged over devices. Jitted over a mesh (`axis_name=None`, the "fsdp"
+    device's index and the gradients summed over devices. Jitted over a mesh (`axis_name=None`, the "fsdp"
     placement, gpt2jax.parallel) the rows are the global batch, taken as `row_groups` equal slices, one per
     device (mapped over the mesh's `group_axes`), each keyed and cut into micro-batches as the pmap device
     holding it would, so both placements compute the same step; `constrain` pins the gradients to the
     parameters' sharding there.
     """
-    inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
-    B, T = inputs_BxT.shape
+    B, T = batch["inputs"].shape
     R, A = row_groups, grad_accum_steps
+    everywhere = (lambda x: lax.psum(x, axis_name)) if axis_name else (lambda x: x)
+    counted = everywhere(jnp.sum(batch["targets"] != IGNORE_INDEX))
+    denominator = jnp.maximum(counted, 1).astype(jnp.float32)
     first_group = lax.axis_index(axis_name) if axis_name else 0
     step_key = jax.random.fold_in(state.rng, state.step)
     keys_R = jax.vmap(lambda r: jax.random.fold_in(step_key, first_group + r))(jnp.arange(R))
     # micro-batch a holds the a-th U = B / (R A) rows of every group, as each device's own scan would
     to_AxRxUxT = lambda x: x.reshape(R, A, B // (R * A), T).swapaxes(0, 1)
 
-    def loss_fn(params, inputs_RxUxT, targets_RxUxT, micro_keys_R):
-        def group_loss(inputs_UxT, targets_UxT, key):
-            logits, _ = module.apply({"params": params}, inputs_UxT, train=dropout, rngs={"dropout": key})
-            return next_token_loss(logits, targets_UxT)
+    def loss_fn(params, rows_RxUxT, micro_keys_R):
+        def group_sum(rows_UxT, key):
+            return rows_loss_sum_and_count(module, params, rows_UxT, train=dropout, dropout_key=key)[0]
 
         if R == 1:
-            return group_loss(inputs_RxUxT[0], targets_RxUxT[0], micro_keys_R[0])
-        # one group per device, as under pmap (fused attention kernels run per device inside: gpt2jax.attention)
-        return jnp.mean(jax.vmap(group_loss, spmd_axis_name=group_axes)(inputs_RxUxT, targets_RxUxT, micro_keys_R))
+            loss_sum = group_sum(jax.tree.map(lambda x: x[0], rows_RxUxT), micro_keys_R[0])
+        else:  # one group per device, as under pmap (fused attention kernels run per device inside: gpt2jax.attention)
+            loss_sum = jnp.sum(jax.vmap(group_sum, spmd_axis_name=group_axes)(rows_RxUxT, micro_keys_R))
+        return loss_sum / denominator  # this micro-batch's share of the global batch's mean
 
-    def micro_step(inputs_RxUxT, targets_RxUxT, index):
+    def micro_step(rows_RxUxT, index):
         micro_keys_R = jax.vmap(jax.random.fold_in, (0, None))(keys_R, index)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_RxUxT, targets_RxUxT, micro_keys_R)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, rows_RxUxT, micro_keys_R)
         return loss, constrain(grads)
 
     def accumulate(carry, xs):
@@ -120,39 +129,45 @@ def train_step(
         loss, grads = micro_step(*xs)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-    inputs_AxRxUxT, targets_AxRxUxT = to_AxRxUxT(inputs_BxT), to_AxRxUxT(targets_BxT)
+    rows_AxRxUxT = jax.tree.map(to_AxRxUxT, batch)
     if A == 1:  # no scan: it would cost extra passes over a gradient-sized carry
-        loss, grads = micro_step(inputs_AxRxUxT[0], targets_AxRxUxT[0], 0)
+        loss, grads = micro_step(jax.tree.map(lambda x: x[0], rows_AxRxUxT), 0)
     else:
         zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
-        (loss_sum, grad_sum), _ = lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs_AxRxUxT, targets_AxRxUxT, jnp.arange(A)))
-        loss, grads = loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)
+        (loss, grads), _ = lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (rows_AxRxUxT, jnp.arange(A)))
     # on one device the all-reduce would only copy every gradient (~0.2 s at 124M)
     if axis_name is not None and lax.axis_size(axis_name) > 1:
-        loss, grads = lax.pmean((loss, grads), axis_name)
+        loss, grads = lax.psum((loss, grads), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     # param_norm: non-finite parameters must never reach a checkpoint, and the loss shows them a step late
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-                       "lr": schedule(state.step)}
+                       "lr": schedule(state.step), "counted_fraction": counted / everywhere(jnp.float32(B * T))}
+
+
+def rows_loss_sum_and_count(module: GPT2LMHeadModule, params: Any, rows: dict[str, jax.Array], *, train: bool = False,
+                            dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The summed loss of a batch's counted targets and their number: the forward of "inputs", with packed
+    examples' "positions" and "segments" when the batch has them."""
+    logits, _ = module.apply({"params": params}, rows["inputs"], None, rows.get("positions"), train=train,
+                             segment_ids_BxT=rows.get("segments"),
+                             rngs={} if dropout_key is None else {"dropout": dropout_key})
+    return target_loss_sum_and_count(logits, rows["targets"])
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, module: GPT2LMHeadModule,
               axis_name: str | None = "batch", row_groups: int = 1,
-              group_axes: tuple[str, ...] | None = None) -> jax.Array:
-    """The mean loss of the batch: pmap's per-device rows averaged over devices, or a mesh's global batch
-    taken as `row_groups` slices, one per device (as `train_step` takes it)."""
-    def group_loss(inputs_BxT, targets_BxT):
-        logits, _ = module.apply({"params": params}, inputs_BxT)
-        return next_token_loss(logits, targets_BxT)
-
+              group_axes: tuple[str, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, counted targets) of the whole batch, so that a validation set's loss is its total over its
+    count: pmap's per-device rows summed over devices, or a mesh's global batch taken as `row_groups` slices,
+    one per device (as `train_step` takes it)."""
+    group = functools.partial(rows_loss_sum_and_count, module, params)
     if axis_name is not None:
-        return lax.pmean(group_loss(batch["inputs"], batch["targets"]), axis_name)
-    to_RxBxT = lambda x: x.reshape(row_groups, -1, x.shape[-1])
-    return jnp.mean(jax.vmap(group_loss, spmd_axis_name=group_axes)(to_RxBxT(batch["inputs"]),
-                                                                   to_RxBxT(batch["targets"])))
+        return lax.psum(group(batch), axis_name)
+    sums, counts = jax.vmap(group, spmd_axis_name=group_axes)(
+        jax.tree.map(lambda x: x.reshape(row_groups, -1, x.shape[-1]), batch))
+    return jnp.sum(sums), jnp.sum(counts)
 
 
 def pmapped_steps(

@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 
 from gpt2jax import attention, hf, perf, rundir
-from gpt2jax.batches import BatchSampler, Placement, Prefetcher, validation_batches
+from gpt2jax import batches, textgen
+from gpt2jax.batches import Placement, Prefetcher
 from gpt2jax.checkpoint import Checkpoints, check_steps_are_directories
 from gpt2jax.config import GPT2Config
 from gpt2jax.data import TokenBins, prepare
@@ -34,7 +35,6 @@ from gpt2jax.errors import Stopped, UserError
 from gpt2jax.experiment import RESUME_SAFE_KEYS, base_config, experiment_model, resolve, validate_experiment
 from gpt2jax.logs import Progress, RunLog, run_info
 from gpt2jax.model import GPT2LMHeadModule, init_params
-from gpt2jax.modeling import GPT2LMHeadModel
 from gpt2jax.tokenizer import Tokenizer, load_tokenizer
 from gpt2jax.parallel import Layout, first_copy, make_layout, state_shards
 from gpt2jax.train import TrainState, init_state, make_optimizer
@@ -121,7 +121,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, f
     # data.prepare's bars redraw with carriage returns: on a terminal only
     bins = prepare(config.data, progress=progress and jax.process_index() == 0 and sys.stderr.isatty())
     model = experiment_model(config, bins.meta["vocab_size"], bins.meta["eos_token_id"], resuming)
-    runs = attention.check(model, platform, config.data.block_size, train=uses_dropout(model))
+    packed = config.data.format == "prompt_completion" and config.data.packing
+    runs = attention.check(model, platform, config.data.block_size, train=uses_dropout(model), packed=packed)
     resolved = resolve(config, model)
     if not overwrite and not fork_from:
         rundir.check_resumable(workdir, resolved, RESUME_SAFE_KEYS, rundir.flatten(base_config().to_dict()))
@@ -189,10 +190,10 @@ def run_training(
             stop = stack.enter_context(stop_signals or StopSignals())
             run = Run(plan, workdir, stack, progress)
             start, p_state = run.restore()
-        batches = stack.enter_context(contextlib.closing(
+        prefetched = stack.enter_context(contextlib.closing(
             Prefetcher(lambda step: run.layout.batch(run.sampler(step)), start_step=start)))
         for step in range(start, t.max_steps):
-            _, batch = next(batches)
+            _, batch = next(prefetched)
             p_state, metrics = run.layout.train(p_state, batch)
             done = step + 1
             run.record(metrics, compiled=step == start)
@@ -246,9 +247,10 @@ class Run:
             print(self.layout.describe(self.abstract_state, m.num_parameters()), flush=True)
         block = c.data.block_size
         where = Placement(jax.process_index(), jax.process_count(), jax.local_device_count())
-        self.sampler = BatchSampler(plan.bins.tokens("train"), block, t.global_batch_size, t.seed, where)
-        self.val = [] if c.data.val_fraction == 0 else [self.layout.batch(b) for b in validation_batches(
-            plan.bins.tokens("val"), block, t.global_batch_size // t.grad_accum_steps, t.eval_batches, where)]
+        self.sampler, val = batches.for_run(plan.bins, c.data, t, where)
+        self.val = [self.layout.batch(b) for b in val]
+        if self.main and hasattr(self.sampler, "describe"):
+            print(self.sampler.describe(), flush=True)
         self.tokens_per_step, self.flops_per_token = t.global_batch_size * block, m.flops_per_token(block)
         self.peak = perf.device_peak()
         self.pending: list[dict] = []
@@ -329,7 +331,8 @@ class Run:
 
     def evaluate(self, done: int, device_params: Any) -> float:
         with host_sync():
-            val_loss = float(np.mean([self.layout.evaluate(device_params, b) for b in self.val]))
+            sums, counts = zip(*[self.layout.evaluate(device_params, b) for b in self.val])
+            val_loss = float(np.sum(sums) / max(np.sum(counts), 1))
         self.last["val_loss"] = val_loss
         self.log_file.metrics(done, "val", {"loss": val_loss, "perplexity": float(np.exp(val_loss)),
                                             "tokens_seen": done * self.tokens_per_step})
@@ -339,8 +342,9 @@ class Run:
         with host_sync():
             params = self.layout.host_params(device_params)  # a collective under fsdp: every process takes part
             if self.main:
-                text = sample_text(self.plan.model, params, self.plan.tokenizer, self.t, seed=done)
-                self.log_file.sample(done, self.t.sample_prompt, text)
+                for sample in textgen.training_samples(self.plan.model, params, self.plan.tokenizer, self.plan.bins,
+                                                       self.t, seed=done):
+                    self.log_file.sample(done, **sample)
 
     def save(self, done: int, p_state: TrainState, val_loss: float | None) -> None:
         with host_sync():
@@ -377,16 +381,3 @@ def first_non_finite(host: list[dict], done: int) -> tuple[int, str] | None:
             if not np.isfinite(first_copy(metrics[key])):
                 return done - len(host) + 1 + i, what
     return None
-
-
-def sample_text(model: GPT2Config, params: Any, tokenizer: Tokenizer, train: ml_collections.ConfigDict,
-                seed: int) -> str:
-    """A text sample from the current params (on this host), logged during training."""
-    prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eos_token_id]
-    new_tokens = min(train.sample_tokens, model.n_positions - len(prompt))
-    if new_tokens < 1:
-        return ""
-    lm = GPT2LMHeadModel(model, params=params)
-    ids = lm.generate(np.array([prompt]), max_new_tokens=new_tokens, do_sample=True, top_k=50, seed=seed,
-                      eos_token_id=-1)
-    return tokenizer.decode(ids[0, len(prompt):], unknown="replace")

@@ -7,7 +7,8 @@
 #   16 x 1024, attention auto and xla side by side) and decode (batch 1, 8, 64; bf16 and fp32); a 50-step `gpt2jax train` of
 #   124M bf16 16 x 1024 with tokens/s and MFU from its metrics.jsonl, against the bench step; the HF forward
 #   interface (hidden states, attentions, the cache) against the transformers fixture on the GPU; the train
-#   step and its memory under fsdp against pmap (124M bf16 16 x 1024).
+#   step and its memory under fsdp against pmap (124M bf16 16 x 1024); packed task examples' attention on
+#   cuDNN (segment mask as a bias) against XLA, and its cost against causal-only attention.
 #
 #   bash scripts/gpu_check.sh
 #
@@ -145,6 +146,36 @@ gpt2jax bench --size gpt2 --dtype bfloat16 --what forward train --batch 16 --seq
 section "gpt2jax bench: 124M bf16 train step under pmap and fsdp (one device), and the memory each needs"
 gpt2jax bench --size gpt2 --dtype bfloat16 --what train memory --batch 16 --seq 1024 --repeats 5 \
   --parallelism pmap fsdp 2>&1 | tee -a "$REPORT"
+
+section "packed task examples: cuDNN with the segment mask (a bias) against XLA, and what the bias costs"
+$PY - <<'EOF' 2>&1 | tee -a "$REPORT"
+import time, jax, jax.numpy as jnp
+from gpt2jax import attention
+B, T, H, K = 16, 1024, 12, 64
+q, k, v = (jax.random.normal(jax.random.key(i), (B, T, H, K), jnp.bfloat16) for i in range(3))
+segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 0.01, (B, T)), axis=1).astype(jnp.int32) + 1
+weights = jax.random.normal(jax.random.key(4), (B, T, H, K), jnp.float32)
+def loss(f):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights), argnums=(0, 1, 2)))
+runs = {"cudnn, packed (bias)": lambda q, k, v: attention.cudnn(q, k, v, segment_ids_BxT=segments),
+        "xla, packed (mask)": lambda q, k, v: attention.xla(q, k, v, segment_ids_BxT=segments),
+        "cudnn, causal only": attention.cudnn, "xla, causal only": attention.xla}
+results = {}
+for name, f in runs.items():
+    step = loss(f)
+    out = step(q, k, v); jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(20):
+        out = step(q, k, v)
+    jax.block_until_ready(out)
+    results[name] = out
+    print(f"{name}: forward + backward {1e3 * (time.perf_counter() - start) / 20:.2f} ms ({B} x {T}, {H} heads of {K})")
+(a, ga), (b, gb) = results["cudnn, packed (bias)"], results["xla, packed (mask)"]
+rel = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))) / jnp.max(jnp.abs(y.astype(jnp.float32))))
+          for x, y in zip(ga, gb))
+print(f"packed cuDNN vs XLA: loss {float(a):.4f} vs {float(b):.4f}, gradients max relative diff {rel:.2e} "
+      f"({'OK' if rel < 0.02 else 'FAIL'} at 2e-2, bf16)")
+EOF
 
 section "gpt2jax bench: decode, 32-token prompt + 128 new, greedy"
 gpt2jax bench --size gpt2 --what decode --repeats 3 2>&1 | tee -a "$REPORT"   # batch 1, 8, 64; bf16 and fp32

@@ -3,6 +3,8 @@ the train-split losses a run logged. Imported by the tests as `from helpers impo
 
 import json
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
@@ -27,3 +29,11 @@ def files(root):
 def train_losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def run_with_hook(hook, command):
+    """Run the CLI command (`[python, -m, gpt2jax.cli, ...]`) in a subprocess after `hook` patched gpt2jax (the hook
+    decides when to die)."""
+    script = (f"import sys\n{hook}\nfrom gpt2jax.cli import main\nsys.argv = {command[2:]!r}\n"
+              "sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)

@@ -33,14 +33,16 @@ def cudnn_found(monkeypatch):
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
 
 
-def lowered_steps(config, platform, dropout=False):
-    """The text of the pmapped train and eval steps the loop runs, lowered for `platform`."""
+def lowered_steps(config, platform, dropout=False, packed=False):
+    """The text of the pmapped train and eval steps the loop runs, lowered for `platform` (`packed`: batches of
+    packed task examples, with positions and segment ids)."""
     n = jax.local_device_count()
     optimizer, schedule = make_optimizer(base_config().optim, 10)
     p_train, p_eval = pmapped_steps(GPT2LMHeadModule(config), optimizer, schedule, 1, dropout=dropout)
     state = jax.eval_shape(lambda: init_state(init_params(config), optimizer, 0))
     per_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), tree)
-    batch = {name: jax.ShapeDtypeStruct((n, 2, T), jnp.int32) for name in ("inputs", "targets")}
+    names = ("inputs", "targets") + (("positions", "segments") if packed else ())
+    batch = {name: jax.ShapeDtypeStruct((n, 2, T), jnp.int32) for name in names}
     lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     return lower(p_train, per_device(state), batch), lower(p_eval, per_device(state.params), batch)
 
@@ -59,6 +61,36 @@ def test_bfloat16_steps_lowered_for_tpu_hold_pallas_splash_attention(requested, 
     kernels = lambda text: set(re.findall(r'kernel_name = "(splash_mha_[a-z]+)', text))
     assert kernels(train) == {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}  # forward and backward
     assert kernels(evaluate) == {"splash_mha_fwd"} and TPU_KERNEL in train and "cudnn" not in train
+
+
+CUDNN_BIAS_FORWARD, CUDNN_BIAS_BACKWARD = "@__cudnn$fmhaScaleBiasSoftmax(", "@__cudnn$fmhaScaleBiasSoftmaxBackward("
+
+
+def test_packed_examples_lowered_for_cuda_run_cudnn_with_the_segment_mask_as_a_bias(cudnn_found):
+    """Packed task examples keep the fused kernel on CUDA: jax hands cuDNN the segment mask as a bias (forward and
+    backward of every layer), and no layer falls back to XLA's materialised attention."""
+    train, evaluate = lowered_steps(WIDE, "cuda", packed=True)
+    assert train.count(CUDNN_BIAS_FORWARD) == WIDE.n_layer and train.count(CUDNN_BIAS_BACKWARD) == WIDE.n_layer
+    assert evaluate.count(CUDNN_BIAS_FORWARD) == WIDE.n_layer and CUDNN_FORWARD not in train
+    assert "tensor<2x1x256x256xbf16>" in train  # the bias: one (T, S) mask per row, broadcast over heads
+
+
+def test_packed_examples_lowered_for_tpu_run_splash_with_its_segment_ids(cudnn_found):
+    train, evaluate = lowered_steps(WIDE, "tpu", packed=True)
+    kernels = lambda text: set(re.findall(r'kernel_name = "(splash_mha_[a-z]+)', text))
+    assert kernels(train) == {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}
+    assert kernels(evaluate) == {"splash_mha_fwd"}
+
+
+def test_splash_with_segment_ids_equals_xla_with_the_segment_mask_in_interpret_mode():
+    B, H, K = 2, 2, 64
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, T, H, K)).astype(jnp.bfloat16) for i in range(3))
+    segments = jnp.stack([jnp.repeat(jnp.arange(1, 5), T // 4), jnp.where(jnp.arange(T) < 100, 1, 2)])
+    splash = attention.splash(q, k, v, segment_ids_BxT=segments, interpret=True).astype(jnp.float32)
+    xla = attention.xla(q, k, v, segment_ids_BxT=segments).astype(jnp.float32)
+    unsegmented = attention.xla(q, k, v).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(splash - xla)) / jnp.max(jnp.abs(xla))) < 0.02
+    assert float(jnp.max(jnp.abs(splash - unsegmented)) / jnp.max(jnp.abs(xla))) > 0.1  # the segments matter
 
 
 def lowered_fsdp_step(config, platform):

@@ -19,7 +19,7 @@ from gpt2jax import GPT2Config, GPT2LMHeadModel, UserError
 from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.errors import Stopped
 from gpt2jax.trainer import StopSignals, run_training
-from helpers import SMOKE, smoke
+from helpers import SMOKE, run_with_hook, smoke
 
 STEP_LOGGING = ["--config.train.log_every=1", "--config.train.checkpoint_every=5", "--config.train.sample_every=0"]
 
@@ -40,12 +40,6 @@ def reference_run(cache_dir, tmp_path_factory):
 def train_command(cache_dir, run_dir):
     return [sys.executable, "-m", "gpt2jax.cli", "train", "--config", SMOKE, "--workdir", run_dir, "--no-progress",
             f"--config.data.cache_dir={cache_dir}", *STEP_LOGGING]
-
-
-def run_with_hook(hook: str, command: list[str]) -> subprocess.CompletedProcess:
-    """Run the CLI in a subprocess after `hook` patched the trainer (the hook decides when to die)."""
-    script = f"import sys\n{hook}\nfrom gpt2jax.cli import main\nsys.argv = {command[2:]!r}\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
 
 
 def test_kill_9_midway_then_same_command_gives_the_same_losses(cache_dir, reference_run, tmp_path):

@@ -213,6 +213,7 @@ class ExampleSampler:
         self.tokens, self.index, self.block_size, self.seed = tokens, index_Nx4, block_size, seed
         self.global_batch_size, self.local_device_count = global_batch_size, placement.local_device_count
         self.packed, self.pad_id = packed, pad_id
+        self.validation = ""  # what the run's validation set scores of the held-out examples (`for_run`)
         lengths = example_positions(index_Nx4, block_size)
         self.layout = pack(lengths, block_size, seed) if packed else [np.array([i]) for i in range(len(index_Nx4))]
         self._orders: dict[int, np.ndarray] = {}
@@ -242,20 +243,18 @@ class ExampleSampler:
         how = "packed" if self.packed else "one per row, padded"
         return (f"data: {len(self.index):,} train examples in {len(self.layout):,} rows of {self.block_size} ({how}): "
                 f"{lengths.sum() / positions:.1%} of positions filled, {(lengths - prompts).sum() / positions:.1%} "
-                f"counted (completions)" + (f"; {cut:,} examples cut to block_size + 1 tokens" if cut else ""))
+                f"counted (completions)" + (f"; {cut:,} examples cut to block_size + 1 tokens" if cut else "")
+                + (f"\n{self.validation}" if self.validation else ""))
 
 
 def example_validation_batches(tokens: np.ndarray, index_Nx4: np.ndarray, block_size: int, global_batch_size: int,
                                num_batches: int, placement: Placement = Placement(), packed: bool = True,
                                pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """The fixed validation set of task examples: their rows (packed as training packs them, or one per row) in
-    order, at most num_batches global batches, the last filled with empty rows (nothing counted)."""
+    """The fixed validation set of task examples: the rows (packed as training packs them, or one per row) of as
+    many of the split's first examples as num_batches global batches hold (`validation_layout`), the last batch
+    filled with empty rows (nothing counted)."""
     rows = placement.rows(global_batch_size)
-    if len(index_Nx4) == 0:
-        raise UserError("the val split has no examples; raise data.val_fraction or add examples")
-    lengths = example_positions(index_Nx4, block_size)
-    layout = pack(lengths, block_size, seed=0) if packed else [np.array([i]) for i in range(len(index_Nx4))]
-    layout = layout[: num_batches * global_batch_size]
+    layout, _ = validation_layout(index_Nx4, block_size, num_batches * global_batch_size, packed)
     layout += [np.zeros(0, np.int64)] * (-len(layout) % global_batch_size)
     batches = []
     for first in range(0, len(layout), global_batch_size):
@@ -263,6 +262,23 @@ def example_validation_batches(tokens: np.ndarray, index_Nx4: np.ndarray, block_
                              packed)
         batches.append({k: x.reshape(placement.local_device_count, -1, block_size) for k, x in batch.items()})
     return batches
+
+
+def validation_layout(index_Nx4: np.ndarray, block_size: int, max_rows: int,
+                      packed: bool) -> tuple[list[np.ndarray], int]:
+    """(rows, examples in them): all the examples, or the longest prefix of them (in source order, a fair sample:
+    the split is a hash of the text) whose rows fit in max_rows. Never the rows packing fills first, which are
+    its longest examples."""
+    if len(index_Nx4) == 0:
+        raise UserError("the val split has no examples; raise data.val_fraction or add examples")
+    lengths = example_positions(index_Nx4, block_size)
+    lay = lambda n: pack(lengths[:n], block_size, seed=0) if packed else [np.array([i]) for i in range(n)]
+    count = len(index_Nx4)
+    layout = lay(count)
+    while len(layout) > max_rows:
+        count = max(1, min(count - 1, count * max_rows // len(layout)))
+        layout = lay(count)
+    return layout, count
 
 
 def for_run(store: Any, data: Any, train: Any, placement: Placement) -> tuple[Any, list[dict[str, np.ndarray]]]:
@@ -279,4 +295,9 @@ def for_run(store: Any, data: Any, train: Any, placement: Placement) -> tuple[An
                              placement, **rows)
     val = [] if no_val else example_validation_batches(store.tokens("val"), store.index("val"), T, eval_batch,
                                                         train.eval_batches, placement, **rows)
+    if not no_val:
+        held_out = len(store.index("val"))
+        _, scored = validation_layout(store.index("val"), T, eval_batch * train.eval_batches, data.packing)
+        sampler.validation = (f"validation: {scored:,} of the {held_out:,} held-out examples"
+                              + ("" if scored == held_out else " (the first ones; raise train.eval_batches for all)"))
     return sampler, val

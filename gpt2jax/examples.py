@@ -110,8 +110,8 @@ def check_examples(store: ExampleStore, data: ml_collections.ConfigDict) -> None
 
 
 def read_examples(path: str, data: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, index) of the prompt/completion rows of a local file, tokenized in memory and not cached (what
-    `gpt2jax eval --data FILE` reads); every row is used, whatever its hash."""
+    """(tokens, index) of the prompt/completion rows of a local file, every row whatever its hash, tokenized into
+    a temporary store that is not cached (what `gpt2jax eval --data FILE` reads)."""
     import tempfile
 
     config = ml_collections.ConfigDict({**data.to_dict(), "dataset": path, "val_fraction": 0.0})

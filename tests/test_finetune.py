@@ -146,6 +146,17 @@ def test_packing_keeps_every_example_whole_and_fills_rows():
     assert [r.tolist() for r in layout] == [r.tolist() for r in rows_of.pack(lengths, 64, seed=3)]
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_validation_set_too_large_for_eval_batches_scores_its_first_examples(store, packed):
+    """Capped by train.eval_batches, the validation rows hold a source-order prefix of the held-out examples (a
+    fair sample), never the longest ones packing places first; uncapped, all of them."""
+    index = store.index("train")
+    layout, count = rows_of.validation_layout(index, 32, 5, packed)
+    assert len(layout) <= 5 and sorted(np.concatenate(layout).tolist()) == list(range(count)) and count >= 5
+    everything, total = rows_of.validation_layout(index, 32, 10**6, packed)
+    assert total == len(index) and sorted(np.concatenate(everything).tolist()) == list(range(len(index)))
+
+
 def test_the_materialised_attention_sees_the_same_segments():
     """Attention dropout and output_attentions materialise the probabilities: no weight crosses examples."""
     module, params = GPT2LMHeadModule(TINY), init_params(TINY, 0)

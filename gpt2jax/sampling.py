@@ -379,8 +379,13 @@ def beam_search(decoder: Decoder, params: Any, prompt_BxP: jax.Array, prompt_mas
     B, P = prompt_BxP.shape
     K, N = num_beams, max_new_tokens
     L = P + N
-    beams = lambda x: jnp.repeat(x, K, axis=0)  # (B, ...) -> (B K, ...): each prompt once per beam
-    first = prefill(decoder, params, beams(prompt_BxP), beams(prompt_mask_BxP), N, jax.random.key(0))
+    beams = lambda x: jnp.repeat(x, K, axis=0) if x.ndim > 0 else x  # (B, ...) -> (B K, ...): a copy per beam
+    # each prompt runs through the model once; its state and cache are copied to its K beams (the cache's
+    # leaves are batch-major or scalars, as the reordering by beam below also takes them)
+    first = prefill(decoder, params, prompt_BxP, prompt_mask_BxP, N, jax.random.key(0))
+    first = first.replace(tokens_BxL=beams(first.tokens_BxL), mask_BxL=beams(first.mask_BxL),
+                          next_position_B=beams(first.next_position_B), logits_BxV=beams(first.logits_BxV),
+                          done_B=beams(first.done_B), cache=jax.tree.map(beams, first.cache))
     running_BxKxL = first.tokens_BxL.reshape(B, K, L).at[:, :, P:].set(values.pad_token_id)
     state = BeamState(
         step=jnp.zeros((), jnp.int32),

@@ -71,6 +71,25 @@ def test_one_beam_is_greedy_and_max_length_counts_the_prompt(pair):
     assert greedy.sequences_scores is None and np.array_equal(greedy["sequences"], greedy)
 
 
+def test_each_prompt_runs_through_the_model_once_whatever_the_number_of_beams(pair, monkeypatch):
+    """The prompt's forward (prefill) runs on the B prompts, not on B x K copies; its cache is copied to the
+    beams after (what the beam results' equality with transformers then checks)."""
+    from gpt2jax import generation
+
+    _, ours = pair
+    calls = []
+    original = generation.GPT2Decoder.tokens_to_logits
+
+    def recorded(self, params, tokens_BxT, *args):
+        calls.append(tokens_BxT.shape)
+        return original(self, params, tokens_BxT, *args)
+
+    monkeypatch.setattr(generation.GPT2Decoder, "tokens_to_logits", recorded)
+    ours.generate(PROMPTS, MASK, max_new_tokens=9, num_beams=5, pad_token_id=PAD)  # shapes no other test compiles
+    assert [shape[0] for shape in calls if shape[1] > 1] == [len(PROMPTS)]
+    assert {shape[0] for shape in calls if shape[1] == 1} == {5 * len(PROMPTS)}
+
+
 def test_several_samples_per_prompt_are_independent_and_keyed():
     import jax
 

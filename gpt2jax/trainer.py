@@ -199,8 +199,10 @@ def run_training(
             run.record(metrics, compiled=step == start)
             signum = stop.poll(done, log_step=done % t.log_every == 0)
             saving = done % t.checkpoint_every == 0 or done == t.max_steps or signum is not None
-            if done % t.log_every == 0 or saving:  # metrics are checked before every save
-                run.log(done)
+            logging = done % t.log_every == 0 or done == t.max_steps
+            if logging or saving:  # metrics are checked before every save; written at log steps only
+                run.log(done, write=logging)
+            actions_start = time.perf_counter()
             val_loss = run.evaluate(done, p_state.params) if run.eval_due(done) else None
             if t.sample_every and done % t.sample_every == 0:
                 run.sample(done, p_state.params)
@@ -210,6 +212,8 @@ def run_training(
                 raise Stopped(done, signum)
             if not run.pending:  # logged: eval, sample and save stay out of the next interval's throughput
                 run.restart_clock()
+            elif logging or saving:  # checked, so the device was idle: the actions' time stays out of it too
+                run.interval_start += time.perf_counter() - actions_start
         run.finished()
     return run.last
 
@@ -277,6 +281,8 @@ class Run:
             state = self.layout.initial_state(self.initial_state, self.plan.initial_params)
         else:
             state = self.layout.place(found.state)
+            if not self.plan.fork_from:  # the steps since the last log step, for the next record to average
+                self.pending = list(found.data.get("unlogged_metrics", []))
             if self.main:
                 print(f"{'forking ' + self.plan.fork_from if self.plan.fork_from else 'resuming ' + self.workdir} "
                       f"from step {start}")
@@ -308,17 +314,22 @@ class Run:
         else:
             self.timed_steps += 1
 
-    def log(self, done: int) -> None:
-        """Fetch the pending metrics (the host sync), refuse non-finite values, write and show them."""
+    def log(self, done: int, write: bool = True) -> None:
+        """Fetch the pending metrics (the host sync) and refuse non-finite values; with `write`, write and show
+        them. Checked but not written (a save between log steps), they stay pending as host floats, which the
+        checkpoint keeps: a run stopped there and resumed logs the same records as one that never stopped."""
         with host_sync():
             host = jax.device_get(self.pending)
-        self.last = summarize(host, done, self.timed_steps, time.perf_counter() - self.interval_start,
-                              self.tokens_per_step, self.flops_per_token, self.peak.flops_per_second * perf.chips(),
-                              self.peak.source)
         bad = first_non_finite(host, done)
         if bad is not None:
             raise UserError(f"non-finite {bad[1]} at step {bad[0]}; stopped without checkpointing it "
                             f"(latest good checkpoint: {self.checkpoints.latest_step()})")
+        if not write:
+            self.pending = [{key: first_copy(value) for key, value in metrics.items()} for metrics in host]
+            return
+        self.last = summarize(host, done, self.timed_steps, time.perf_counter() - self.interval_start,
+                              self.tokens_per_step, self.flops_per_token, self.peak.flops_per_second * perf.chips(),
+                              self.peak.source)
         self.log_file.metrics(done, "train", self.last)
         self.progress.update(done, self.last)
         self.pending = []
@@ -349,7 +360,8 @@ class Run:
     def save(self, done: int, p_state: TrainState, val_loss: float | None) -> None:
         with host_sync():
             self.checkpoints.save(done, self.layout.for_checkpoint(p_state),
-                                  data={"step": done, "seed": self.t.seed, "data": self.plan.bins.fingerprint},
+                                  data={"step": done, "seed": self.t.seed, "data": self.plan.bins.fingerprint,
+                                        "unlogged_metrics": self.pending},  # host floats: `log` checked them
                                   config=self.plan.resolved, meta={"loss": self.last.get("loss")}, val_loss=val_loss)
 
     def finished(self) -> None:
@@ -365,7 +377,7 @@ def summarize(host: list[dict], done: int, timed_steps: int, seconds: float, tok
     (states such as lr and param_norm: their value at the log step), and throughput, only over steps timed
     without compiling. A metric added to `train.train_step` reaches metrics.jsonl and TensorBoard as is."""
     out = {key: first_copy(host[-1][key]) if key in LAST_VALUE_METRICS
-           else float(np.mean([first_copy(m[key]) for m in host])) for key in host[-1]}
+           else float(np.mean([first_copy(m[key]) for m in host if key in m])) for key in host[-1]}
     out["tokens_seen"] = done * tokens_per_step
     if timed_steps:
         tokens_per_s = timed_steps * tokens_per_step / seconds

@@ -121,6 +121,31 @@ def test_a_stop_signal_saves_the_step_reached_and_resumes_exactly(cache_dir, ref
     assert info["status"] == "finished" and len(info["sessions"]) == 2
 
 
+def train_records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def test_a_stop_between_log_steps_leaves_the_records_of_a_run_that_never_stopped(cache_dir, tmp_path):
+    """Logging every 5 steps, saving every 3, stopped at step 8: nothing is written off the cadence, and once
+    resumed the record of step 10 averages steps 6-10 as the uninterrupted run's does (the checked but unwritten
+    metrics of steps 6-8 travel in the checkpoint)."""
+    options = ["--config.train.log_every=5", "--config.train.checkpoint_every=3", "--config.train.sample_every=0",
+               "--config.train.eval_every=100"]
+    reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
+    run_training(smoke(cache_dir, *options), reference, progress=False)
+    with pytest.raises(Stopped):
+        run_training(smoke(cache_dir, *options), stopped, progress=False,
+                     stop_signals=SignalAt(8, signal.SIGTERM))
+    assert [r["step"] for r in train_records(stopped)] == [5]
+    run_training(smoke(cache_dir, *options), stopped, progress=False)
+    after, before = train_records(stopped), train_records(reference)
+    assert [r["step"] for r in after] == [r["step"] for r in before] == [5, 10, 15, 20]
+    for mine, theirs in zip(after, before):
+        for key in ("loss", "grad_norm", "param_norm", "lr", "counted_fraction"):
+            assert abs(mine[key] - theirs[key]) <= 1e-6 * max(1.0, abs(theirs[key])), (mine["step"], key)
+
+
 def wait_for_metrics(run_dir, process, timeout=300):
     """Block until the trainer has logged a step (it is past compiling), or fail if it exits first."""
     path, start = os.path.join(run_dir, "metrics.jsonl"), time.monotonic()

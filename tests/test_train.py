@@ -231,7 +231,13 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(cache_dir, tmp_pa
                                                 "--config.train.log_every=2", "--config.train.sample_every=0"))
     metrics, start = os.path.join(run_dir, "metrics.jsonl"), time.monotonic()
     while not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
-        assert all(p.poll() is None for p in procs) and time.monotonic() - start < 300
+        if any(p.poll() is not None for p in procs) or time.monotonic() - start > 300:  # say why, then fail
+            codes = [p.poll() for p in procs]
+            for p in procs:
+                p.kill()
+            outputs = [p.communicate()[0] for p in procs]
+            pytest.fail(f"a process ended (or none logged) before the first log step: {codes}\n"
+                        + "\n".join(out[-3000:] for out in outputs))
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
     codes, outputs = finish(procs)

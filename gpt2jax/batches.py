@@ -175,6 +175,11 @@ def pack(lengths: np.ndarray, block_size: int, seed: int) -> list[np.ndarray]:
     return [np.asarray(row) for row in rows]
 
 
+def lay_out(lengths: np.ndarray, block_size: int, packed: bool, seed: int) -> list[np.ndarray]:
+    """The rows of examples of `lengths` positions: packed (`pack`), or one example per row."""
+    return pack(lengths, block_size, seed) if packed else [np.array([i]) for i in range(len(lengths))]
+
+
 def example_rows(tokens: np.ndarray, index_Nx4: np.ndarray, rows: list[np.ndarray], block_size: int, pad_id: int,
                  packed: bool) -> dict[str, np.ndarray]:
     """(len(rows), T) int32 "inputs" and "targets" (-100 on prompts and padding) of the rows, each a list of
@@ -214,8 +219,8 @@ class ExampleSampler:
         self.global_batch_size, self.local_device_count = global_batch_size, placement.local_device_count
         self.packed, self.pad_id = packed, pad_id
         self.validation = ""  # what the run's validation set scores of the held-out examples (`for_run`)
-        lengths = example_positions(index_Nx4, block_size)
-        self.layout = pack(lengths, block_size, seed) if packed else [np.array([i]) for i in range(len(index_Nx4))]
+        self.lengths = example_positions(index_Nx4, block_size)
+        self.layout = lay_out(self.lengths, block_size, packed, seed)
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -236,7 +241,7 @@ class ExampleSampler:
 
     def describe(self) -> str:
         """One line for the start of a run: how the examples fill the rows."""
-        lengths = example_positions(self.index, self.block_size)
+        lengths = self.lengths
         prompts = np.minimum(self.index[:, 1], lengths + 1) - 1
         positions = len(self.layout) * self.block_size
         cut = int(np.sum(self.index[:, 2] > self.block_size + 1))
@@ -249,19 +254,19 @@ class ExampleSampler:
 
 def example_validation_batches(tokens: np.ndarray, index_Nx4: np.ndarray, block_size: int, global_batch_size: int,
                                num_batches: int, placement: Placement = Placement(), packed: bool = True,
-                               pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """The fixed validation set of task examples: the rows (packed as training packs them, or one per row) of as
-    many of the split's first examples as num_batches global batches hold (`validation_layout`), the last batch
-    filled with empty rows (nothing counted)."""
+                               pad_id: int = 0) -> tuple[list[dict[str, np.ndarray]], int]:
+    """(batches, examples in them): the fixed validation set of task examples, the rows (packed as training packs
+    them, or one per row) of as many of the split's first examples as num_batches global batches hold
+    (`validation_layout`), the last batch filled with empty rows (nothing counted)."""
     rows = placement.rows(global_batch_size)
-    layout, _ = validation_layout(index_Nx4, block_size, num_batches * global_batch_size, packed)
+    layout, count = validation_layout(index_Nx4, block_size, num_batches * global_batch_size, packed)
     layout += [np.zeros(0, np.int64)] * (-len(layout) % global_batch_size)
     batches = []
     for first in range(0, len(layout), global_batch_size):
         batch = example_rows(tokens, index_Nx4, layout[first: first + global_batch_size][rows], block_size, pad_id,
                              packed)
         batches.append({k: x.reshape(placement.local_device_count, -1, block_size) for k, x in batch.items()})
-    return batches
+    return batches, count
 
 
 def validation_layout(index_Nx4: np.ndarray, block_size: int, max_rows: int,
@@ -272,7 +277,7 @@ def validation_layout(index_Nx4: np.ndarray, block_size: int, max_rows: int,
     if len(index_Nx4) == 0:
         raise UserError("the val split has no examples; raise data.val_fraction or add examples")
     lengths = example_positions(index_Nx4, block_size)
-    lay = lambda n: pack(lengths[:n], block_size, seed=0) if packed else [np.array([i]) for i in range(n)]
+    lay = lambda n: lay_out(lengths[:n], block_size, packed, seed=0)
     count = len(index_Nx4)
     layout = lay(count)
     while len(layout) > max_rows:
@@ -293,11 +298,11 @@ def for_run(store: Any, data: Any, train: Any, placement: Placement) -> tuple[An
     rows = dict(packed=data.packing, pad_id=store.meta["eos_token_id"])
     sampler = ExampleSampler(store.tokens("train"), store.index("train"), T, train.global_batch_size, train.seed,
                              placement, **rows)
-    val = [] if no_val else example_validation_batches(store.tokens("val"), store.index("val"), T, eval_batch,
-                                                        train.eval_batches, placement, **rows)
-    if not no_val:
-        held_out = len(store.index("val"))
-        _, scored = validation_layout(store.index("val"), T, eval_batch * train.eval_batches, data.packing)
-        sampler.validation = (f"validation: {scored:,} of the {held_out:,} held-out examples"
-                              + ("" if scored == held_out else " (the first ones; raise train.eval_batches for all)"))
+    if no_val:
+        return sampler, []
+    held_out = store.index("val")
+    val, scored = example_validation_batches(store.tokens("val"), held_out, T, eval_batch, train.eval_batches,
+                                             placement, **rows)
+    sampler.validation = (f"validation: {scored:,} of the {len(held_out):,} held-out examples"
+                          + ("" if scored == len(held_out) else " (the first ones; raise train.eval_batches for all)"))
     return sampler, val

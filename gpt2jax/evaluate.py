@@ -80,8 +80,9 @@ def evaluate_examples(model: GPT2LMHeadModel, tokenizer: Tokenizer, tokens: np.n
                         "pass --data FILE)")
     perf.check_fits(model.config, min(batch_size, len(index)), block_size, train=False,
                     what=f"evaluating in batches of {batch_size}")
-    if tokens[: index[-1, 0] + index[-1, 2]].max() >= model.config.vocab_size:
-        raise UserError(f"the data has token id {tokens.max()} but the model's vocab_size is {model.config.vocab_size}")
+    largest = int(tokens[: index[-1, 0] + index[-1, 2]].max())
+    if largest >= model.config.vocab_size:
+        raise UserError(f"the data has token id {largest} but the model's vocab_size is {model.config.vocab_size}")
     loss_fn = jax.jit(lambda params, rows: rows_loss_sum_and_count(model.module, params, rows))
     total, count, counted = 0.0, 0, []
     for first in range(0, len(index), batch_size):
